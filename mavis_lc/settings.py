@@ -1,0 +1,72 @@
+"""Settings read from ``MAVIS_*`` environment variables, each with an embedded default.
+
+The defaults make a single machine work with nothing installed beside the package: a SQLite
+registry and a local artifact folder under ``MAVIS_HOME``, no broker (training jobs run in
+the calling process through the same task code), and the packaged SmolLM2 base model.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGED_BASE_MODEL = "smollm2-135m-instruct"
+
+
+def _default_home() -> Path:
+    return Path.home() / ".mavis"
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. Read once; call ``get_settings.cache_clear()`` after changing the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MAVIS_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home)
+    """Folder for the embedded defaults (registry database, artifacts, model cache)."""
+    database_url: SecretStr | None = None
+    """SQLAlchemy URL of the registry; default ``sqlite:///$MAVIS_HOME/registry.db``."""
+    artifacts: str | None = None
+    """Artifact store root: a local folder or any fsspec URL; default ``$MAVIS_HOME/artifacts``."""
+    cache_dir: Path | None = None
+    """Where converted base models are cached; default ``$MAVIS_HOME/cache``."""
+    broker_url: SecretStr | None = None
+    """Celery broker (e.g. ``redis://host:6379/0``); unset means jobs run in-process."""
+    result_backend: SecretStr | None = None
+    """Celery result backend; defaults to the broker URL."""
+    base_model: str = PACKAGED_BASE_MODEL
+    """Base model: the packaged SmolLM2, a local HF model directory, or a hub id."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    trust_remote_code: bool = False
+    """Allow model code from a model directory to run. Off unless you trust the directory."""
+
+    def resolved_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.home / 'registry.db'}"
+
+    def resolved_artifacts(self) -> str:
+        return self.artifacts if self.artifacts else str(self.home / "artifacts")
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.home / "cache"
+
+    def resolved_broker_url(self) -> str | None:
+        return self.broker_url.get_secret_value() if self.broker_url is not None else None
+
+    def resolved_result_backend(self) -> str | None:
+        if self.result_backend is not None:
+            return self.result_backend.get_secret_value()
+        return self.resolved_broker_url()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings()
