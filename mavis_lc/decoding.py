@@ -1,0 +1,411 @@
+"""MAVIS decoding: the frozen base model's top-k next tokens, tilted by weighted value models.
+
+At every step, for each row b of the batch (DESIGN.md §1):
+
+    pi(a | s) ∝ softmax( topk_logits(s) / T + beta * Σ_m weights[b, m] * Q_m(s, a) ),  a in top-k
+
+`mavis_step` is that step in one function; `MavisDecoder` runs it over a batch of prompts with
+a KV-cached base forward, per-row weights and per-row random generators (so a row's output does
+not depend on what else is in the batch), stop strings, EOS, and streaming of text deltas.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from mavis_lc.base_model import BaseModel
+from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
+from mavis_lc.value_model import ValueModel, check_compatible
+from mavis_lc.weights import Weights, weight_matrix
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Decoding parameters; `MavisDecoder.check` validates them against a base model."""
+
+    max_new_tokens: int = 128
+    """Most tokens generated per sequence (EOS included)."""
+    min_new_tokens: int = 0
+    """EOS is banned until this many tokens have been generated."""
+    top_k: int = 20
+    """Candidate next tokens per step (the paper uses 40; 10-20 is usually enough)."""
+    temperature: float = 1.0
+    """Base-model temperature T, applied before the tilt."""
+    beta: float = 1.0
+    """Guidance strength: 0 gives plain top-k sampling of the base."""
+    do_sample: bool = True
+    """Sample from pi; False takes its argmax (greedy)."""
+    seed: int | None = 0
+    """Seed of every row's generator (None: fresh random seeds); see `MavisDecoder.stream`."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a sequence; the output is cut just before the first one."""
+
+
+@dataclass
+class Generation:
+    """One finished sequence and its statistics."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    """``stop`` (EOS or a stop string) or ``length`` (max_new_tokens reached)."""
+    stop_sequence: str | None
+    """The stop string that ended the sequence, if any."""
+    prompt_tokens: int
+    completion_tokens: int
+    kl: float
+    """Estimate of KL(pi || pi_ref) for this sequence: Σ_t log pi(a_t|s_t) - log pi_ref_T(a_t|s_t)."""
+    mean_tilt: dict[str, float]
+    """Per objective: mean over steps of Q(chosen) - E_{pi_ref top-k}[Q], in normalised reward units."""
+    weights: dict[str, float]
+    seed: int
+
+    def info(self) -> dict[str, object]:
+        """The statistics as plain JSON-able values (LangChain generation_info)."""
+        return {
+            "finish_reason": self.finish_reason,
+            "stop_sequence": self.stop_sequence,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "kl": self.kl,
+            "mean_tilt": dict(self.mean_tilt),
+            "weights": dict(self.weights),
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class StreamStep:
+    """What one decoding step adds: a text delta per row ("" when nothing new or finished)."""
+
+    deltas: list[str]
+    finished: list[Generation | None] = field(default_factory=list)
+    """Rows that finished at this step carry their `Generation`; others are None."""
+
+
+@dataclass
+class StepOutput:
+    """The result of one `mavis_step` for a batch of B states."""
+
+    tokens: torch.Tensor  # (B,) chosen token ids
+    candidates: torch.Tensor  # (B, k) the base model's top-k token ids
+    probs: torch.Tensor  # (B, k) pi over the candidates
+    log_ratio: torch.Tensor  # (B,) log pi(a|s) - log pi_ref_T(a|s)
+    tilt: torch.Tensor  # (B, M) Q_m(chosen) - E_{pi_ref top-k}[Q_m]
+
+
+@torch.no_grad()
+def mavis_step(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    heads: Sequence[ValueModel],
+    weights: torch.Tensor,
+    *,
+    beta: float,
+    top_k: int,
+    temperature: float,
+    generators: Sequence[torch.Generator] | None,
+) -> StepOutput:
+    """One MAVIS decoding step for a batch.
+
+    Args:
+        logits: base next-token logits, (B, V); banned tokens already set to -inf.
+        hidden: base final hidden states at the last position, (B, d).
+        heads: M value models; weights: (B, M) per-row objective weights.
+        generators: one per row to sample with; None takes the argmax (greedy).
+    """
+    ref_logits = logits.float() / temperature  # (B, V) pi_ref at temperature T
+    ref_logprobs = torch.log_softmax(ref_logits, dim=-1)  # (B, V)
+    topk_logits, candidates = ref_logits.topk(top_k, dim=-1)  # (B, k), (B, k)
+    if heads:
+        q = torch.stack([head.q_values(hidden, candidates).float() for head in heads], dim=-1)  # (B, k, M)
+    else:
+        q = topk_logits.new_zeros(*topk_logits.shape, 0)  # (B, k, 0)
+    tilt = beta * (q * weights[:, None, :]).sum(-1)  # (B, k)
+    probs = torch.softmax(topk_logits + tilt, dim=-1)  # (B, k) pi over the candidates
+    scores = probs  # (B, k) greedy takes the argmax of pi
+    if generators is not None:
+        # torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) drawn over the whole vocabulary.
+        # Drawing the same q from each row's generator samples exactly what plain top-k
+        # sampling with that seed samples, an order of magnitude faster than multinomial on CPU.
+        noise = torch.stack([torch.empty_like(ref_logits[0]).exponential_(generator=g) for g in generators])  # (B, V)
+        scores = probs / noise.gather(1, candidates)  # (B, k)
+    choice = scores.argmax(dim=-1, keepdim=True)  # (B, 1)
+    tokens = candidates.gather(1, choice).squeeze(1)  # (B,)
+    log_ratio = probs.gather(1, choice).log().squeeze(1) - ref_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    ref_k = torch.softmax(topk_logits, dim=-1)  # (B, k) pi_ref restricted to the candidates
+    chosen_q = q.gather(1, choice[:, :, None].expand(-1, 1, q.shape[-1])).squeeze(1)  # (B, M)
+    expected_q = (ref_k[:, :, None] * q).sum(1)  # (B, M)
+    return StepOutput(
+        tokens=tokens, candidates=candidates, probs=probs, log_ratio=log_ratio, tilt=chosen_q - expected_q
+    )
+
+
+class MavisDecoder:
+    """Batched MAVIS decoding over one base model and a set of value heads (one per objective)."""
+
+    def __init__(self, base: BaseModel, heads: Sequence[ValueModel] = ()) -> None:
+        names = [h.objective for h in heads]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise IncompatibleHeadError(f"one head per objective; got several for {', '.join(duplicates)}")
+        for head in heads:
+            check_compatible(head.config, base)
+        self.base = base
+        self.heads = list(heads)
+        self.objectives = names
+        self._backbone = base.model.base_model  # the decoder stack, final norm included
+        self._lm_head = base.model.get_output_embeddings()
+
+    def check(self, config: DecodeConfig, prompt_tokens: int = 0) -> None:
+        """Raise `DecodingParameterError` naming the first parameter out of range."""
+        vocab = self.base.vocab_size
+        if isinstance(config.top_k, bool) or not isinstance(config.top_k, int) or not 1 <= config.top_k <= vocab:
+            raise DecodingParameterError(f"top_k must be an integer in [1, {vocab}], got {config.top_k!r}")
+        if not math.isfinite(config.beta) or config.beta < 0:
+            raise DecodingParameterError(f"beta must be finite and >= 0, got {config.beta!r}")
+        if config.do_sample and not (math.isfinite(config.temperature) and config.temperature > 0):
+            raise DecodingParameterError(
+                f"temperature must be finite and > 0 when sampling, got {config.temperature!r}"
+            )
+        room = self.base.max_context - prompt_tokens
+        if not isinstance(config.max_new_tokens, int) or not 1 <= config.max_new_tokens <= room:
+            raise DecodingParameterError(
+                f"max_new_tokens must be in [1, {room}] (context {self.base.max_context} minus a "
+                f"{prompt_tokens}-token prompt), got {config.max_new_tokens!r}"
+            )
+        if not 0 <= config.min_new_tokens <= config.max_new_tokens:
+            raise DecodingParameterError(
+                f"min_new_tokens must be in [0, max_new_tokens={config.max_new_tokens}], got {config.min_new_tokens!r}"
+            )
+        if any(not isinstance(s, str) or not s for s in config.stop):
+            raise DecodingParameterError(f"stop strings must be non-empty strings, got {list(config.stop)!r}")
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        weights: Weights | Sequence[Weights] | None = None,
+        config: DecodeConfig | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Generation]:
+        """Decode every prompt in one batched loop; see `stream` for the arguments."""
+        results: list[Generation | None] = [None] * len(prompts)
+        for step in self.stream(prompts, weights, config, seeds=seeds):
+            for b, finished in enumerate(step.finished):
+                if finished is not None:
+                    results[b] = finished
+        return [r for r in results if r is not None]
+
+    def stream(
+        self,
+        prompts: Sequence[str],
+        weights: Weights | Sequence[Weights] | None = None,
+        config: DecodeConfig | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+    ) -> Iterator[StreamStep]:
+        """Decode a batch of prompts, yielding each step's per-row text deltas.
+
+        Args:
+            prompts: B prompt strings, already formatted (chat template applied, if any).
+            weights: one mapping for every row, or B mappings (per-row weights); None or a
+                missing objective means weight 0.
+            config: decoding parameters (default `DecodeConfig()`).
+            seeds: B per-row seeds; default: ``config.seed`` for every row, so a prompt gives
+                the same output alone or in any batch.
+
+        Raises:
+            DecodingParameterError, InvalidWeightError, UnknownObjectiveError: bad arguments,
+                raised before any decoding.
+        """
+        cfg = config or DecodeConfig()
+        batch = len(prompts)
+        if batch == 0:
+            return
+        rows = _weight_rows(weights, batch)
+        row_seeds = self._row_seeds(cfg, seeds, batch)
+        device = self.base.device
+        tok = self.base.tokenizer
+        enc = tok(list(prompts), padding=True, return_tensors="pt")
+        input_ids = enc["input_ids"].to(device)  # (B, P)
+        attention_mask = enc["attention_mask"].to(device)  # (B, P)
+        self.check(cfg, int(input_ids.shape[1]))
+        weight_rows = weight_matrix(rows, self.objectives, device=device)  # (B, M)
+        generators = None
+        if cfg.do_sample:
+            generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+        ban = torch.tensor(self.base.eos_token_ids, device=device, dtype=torch.long)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        prompt_lengths = attention_mask.sum(-1).tolist()
+
+        tracker = _TextTracker(tok, cfg.stop, set(self.base.eos_token_ids), batch)
+        # Grad mode is per thread and a stream may be resumed on another thread (async
+        # callers), so inference mode is entered around each stretch of work, never across a yield.
+        with torch.inference_mode():
+            kl = torch.zeros(batch, dtype=torch.float64)
+            tilt_sum = torch.zeros(batch, len(self.heads), dtype=torch.float64)
+            for head in self.heads:
+                head.begin(input_ids, attention_mask)
+            cache = DynamicCache(config=self.base.model.config)
+            hidden = self._backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]  # (B, d)
+            next_position = position_ids[:, -1]  # (B,)
+        for step in range(cfg.max_new_tokens):
+            with torch.inference_mode():
+                logits = self._lm_head(hidden)  # (B, V)
+                if step < cfg.min_new_tokens:
+                    logits[:, ban] = float("-inf")
+                out = mavis_step(
+                    logits,
+                    hidden,
+                    self.heads,
+                    weight_rows,
+                    beta=cfg.beta,
+                    top_k=cfg.top_k,
+                    temperature=cfg.temperature,
+                    generators=generators,
+                )
+                active = ~tracker.done
+                kl += torch.where(active, out.log_ratio.double().cpu(), 0.0)
+                tilt_sum += torch.where(active[:, None], out.tilt.double().cpu(), 0.0)
+            deltas = tracker.push(out.tokens.tolist(), last_step=step + 1 == cfg.max_new_tokens)
+            finished: list[Generation | None] = [None] * batch
+            for b in tracker.newly_done:
+                n = len(tracker.token_ids[b])
+                finished[b] = Generation(
+                    text=tracker.final_text[b],
+                    token_ids=list(tracker.token_ids[b]),
+                    finish_reason=tracker.finish_reason[b],
+                    stop_sequence=tracker.stop_sequence[b],
+                    prompt_tokens=int(prompt_lengths[b]),
+                    completion_tokens=n,
+                    kl=float(kl[b]),
+                    mean_tilt={m: float(tilt_sum[b, i]) / n for i, m in enumerate(self.objectives)},
+                    weights=dict(rows[b]),
+                    seed=row_seeds[b],
+                )
+            yield StreamStep(deltas=deltas, finished=finished)
+            if bool(tracker.done.all()):
+                break
+            with torch.inference_mode():
+                for head in self.heads:
+                    head.advance(out.tokens)
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+                next_position = next_position + 1
+                hidden = self._backbone(
+                    input_ids=out.tokens[:, None],
+                    attention_mask=attention_mask,
+                    position_ids=next_position[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state[:, -1]  # (B, d)
+
+    @staticmethod
+    def _row_seeds(cfg: DecodeConfig, seeds: Sequence[int] | None, batch: int) -> list[int]:
+        if seeds is not None:
+            if len(seeds) != batch:
+                raise DecodingParameterError(f"got {len(seeds)} seeds for {batch} prompts")
+            return [int(s) for s in seeds]
+        if cfg.seed is not None:
+            return [int(cfg.seed)] * batch
+        return [random.randrange(2**63) for _ in range(batch)]
+
+
+def _weight_rows(weights: Weights | Sequence[Weights] | None, batch: int) -> list[dict[str, float]]:
+    if weights is None:
+        return [{} for _ in range(batch)]
+    if isinstance(weights, Mapping):
+        return [dict(weights) for _ in range(batch)]
+    rows = list(weights)
+    if len(rows) != batch:
+        raise DecodingParameterError(f"got {len(rows)} weight rows for {batch} prompts; give one per prompt")
+    return [dict(r) for r in rows]
+
+
+class _TextTracker:
+    """Per-row generated ids and text: EOS, stop strings (cut exactly), and safe stream deltas.
+
+    A delta never contains text that might still turn out to be the start of a stop string,
+    nor a trailing partial UTF-8 character.
+    """
+
+    def __init__(self, tokenizer: object, stop: Sequence[str], eos_ids: set[int], batch: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.eos_ids = eos_ids
+        self.token_ids: list[list[int]] = [[] for _ in range(batch)]
+        self.emitted = [0] * batch
+        self.done = torch.zeros(batch, dtype=torch.bool)
+        self.newly_done: list[int] = []
+        self.final_text = [""] * batch
+        self.finish_reason = [""] * batch
+        self.stop_sequence: list[str | None] = [None] * batch
+
+    def push(self, tokens: list[int], *, last_step: bool) -> list[str]:
+        self.newly_done = []
+        deltas = [""] * len(tokens)
+        for b, token in enumerate(tokens):
+            if self.done[b]:
+                continue
+            self.token_ids[b].append(token)
+            text = self.tokenizer.decode(self.token_ids[b], skip_special_tokens=True)  # type: ignore[attr-defined]
+            cut, matched = self._find_stop(text)
+            if matched is not None:
+                self._finish(b, text[:cut], "stop", matched)
+            elif token in self.eos_ids:
+                self._finish(b, text, "stop", None)
+            elif last_step:
+                self._finish(b, text, "length", None)
+            if self.done[b]:
+                final = self.final_text[b]
+                deltas[b] = final[self.emitted[b] :]
+                self.emitted[b] = len(final)
+                continue
+            safe = len(text) - self._holdback(text)
+            if safe > self.emitted[b]:
+                deltas[b] = text[self.emitted[b] : safe]
+                self.emitted[b] = safe
+        return deltas
+
+    def _finish(self, b: int, text: str, reason: str, matched: str | None) -> None:
+        self.done[b] = True
+        self.newly_done.append(b)
+        self.final_text[b] = text
+        self.finish_reason[b] = reason
+        self.stop_sequence[b] = matched
+
+    def _find_stop(self, text: str) -> tuple[int, str | None]:
+        best: tuple[int, str | None] = (len(text), None)
+        for s in self.stop:
+            i = text.find(s)
+            if i != -1 and i < best[0]:
+                best = (i, s)
+        return best
+
+    def _holdback(self, text: str) -> int:
+        """Characters at the end of ``text`` that must not be streamed yet.
+
+        A trailing replacement character may still become another character when the next
+        token completes its bytes; before it, the longest suffix that could begin a stop
+        string is held back too.
+        """
+        stable = text.rstrip("\ufffd")
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(stable)), hold, -1):
+                if stable.endswith(s[:n]):
+                    hold = n
+                    break
+        return len(text) - len(stable) + hold

@@ -1,0 +1,225 @@
+"""Value models Q_m(s, a): the interface the decoder calls, and the shared-backbone Q head.
+
+A value model scores the k candidate next tokens of every decoding state in a batch:
+``q_values(hidden, candidate_ids) -> (B, k)``. The shared-backbone head reads the frozen base
+model's final hidden state h(s) and scores candidates through the base's own token embeddings:
+
+    Q(s, a) = <W h(s) + c, E_a> + b_a + v(s),      v(s) = <w_v, h(s)> + b_v
+
+``v(s)`` is a per-state baseline: it does not change the tilt (softmax over candidates is
+invariant to it) but lets regression on Monte Carlo targets separate "how good is this state"
+from "how much better is this token". All parameters start at zero, so a fresh head has Q = 0
+everywhere and MAVIS decoding with it is exactly base sampling.
+
+Artifacts are one safetensors file whose single metadata key ``mavis_config`` holds the
+`ValueHeadConfig` as JSON. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from mavis_lc.base_model import BaseModel
+from mavis_lc.errors import IncompatibleHeadError, ModelLoadError
+
+SHARED_Q_HEAD = "shared_q_head"
+CONFIG_KEY = "mavis_config"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ValueHeadConfig:
+    """Everything needed to rebuild a value model and check it fits a base model."""
+
+    objective: str
+    """Objective name the head was trained for."""
+    base_model_id: str
+    """Base model the head was trained against."""
+    tokenizer_fingerprint: str
+    """`tokenizer_fingerprint` of the base tokenizer; loading against another is refused."""
+    hidden_size: int
+    """Base hidden size d."""
+    vocab_size: int
+    """Base vocabulary size V."""
+    architecture: str = SHARED_Q_HEAD
+    """Value-model architecture."""
+    reward_mean: float = 0.0
+    """Mean of iteration-0 leaf rewards; Q is in units of (reward - mean) / std."""
+    reward_std: float = 1.0
+    """Standard deviation of iteration-0 leaf rewards."""
+    iteration: int = 0
+    """Soft policy-improvement iteration that produced the head."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Architecture-specific options."""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ValueHeadConfig:
+        data = json.loads(text)
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ModelLoadError(
+                f"value head format_version {data.get('format_version')!r} is not supported "
+                f"(this mavis-lc reads {FORMAT_VERSION})"
+            )
+        return cls(**data)
+
+
+class ValueModel(nn.Module):
+    """Interface of a per-objective value model used by the decoder.
+
+    The decoder calls `begin` once with the (left-padded) prompts, `q_values` at every step,
+    and `advance` with the tokens it chose. Value models with their own backbone keep their
+    own KV cache in `begin` / `advance`; the shared-backbone head needs neither.
+    """
+
+    config: ValueHeadConfig
+
+    @property
+    def objective(self) -> str:
+        return self.config.objective
+
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Start decoding a batch: ``input_ids`` and ``attention_mask`` are (B, P)."""
+
+    def advance(self, token_ids: torch.Tensor) -> None:
+        """Append the chosen tokens, (B,), to every sequence of the batch."""
+
+    def q_values(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+        """Q(s, a) for candidates ``candidate_ids`` (B, k) given base hidden states (B, d) -> (B, k)."""
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write the head as one safetensors file (config in its metadata); returns the path."""
+        target = Path(path)
+        target.write_bytes(self.to_bytes())
+        return target
+
+    def to_bytes(self) -> bytes:
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.state_dict().items()}
+        return bytes(save_safetensors_bytes(tensors, metadata={CONFIG_KEY: self.config.to_json()}))
+
+
+class SharedBackboneQHead(ValueModel):
+    """Q head on the frozen base model's final hidden state, scoring with its token embeddings."""
+
+    def __init__(self, config: ValueHeadConfig, token_embeddings: torch.Tensor) -> None:
+        super().__init__()
+        if token_embeddings.shape != (config.vocab_size, config.hidden_size):
+            raise IncompatibleHeadError(
+                f"head for {config.objective!r} expects embeddings of shape "
+                f"({config.vocab_size}, {config.hidden_size}), got {tuple(token_embeddings.shape)}"
+            )
+        self.config = config
+        d = config.hidden_size
+        self.proj = nn.Linear(d, d)  # W, c
+        self.token_bias = nn.Parameter(torch.zeros(config.vocab_size))  # b_a
+        self.state_value = nn.Linear(d, 1)  # w_v, b_v
+        for p in (self.proj.weight, self.proj.bias, self.state_value.weight, self.state_value.bias):
+            nn.init.zeros_(p)
+        # The base's embeddings are borrowed, frozen, and never saved with the head.
+        self._embeddings = token_embeddings.detach()
+
+    def q_values(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+        h = hidden.to(self.proj.weight.dtype)  # (B, d)
+        query = self.proj(h)  # (B, d)
+        cand_emb = self._embeddings[candidate_ids].to(h.dtype)  # (B, k, d)
+        q = torch.einsum("bd,bkd->bk", query, cand_emb)  # (B, k)
+        return q + self.token_bias[candidate_ids] + self.state_value(h)  # (B, k)
+
+
+def new_shared_head(base: BaseModel, objective: str, **config: Any) -> SharedBackboneQHead:
+    """A zero-initialised shared-backbone head for ``objective`` on ``base``."""
+    cfg = ValueHeadConfig(
+        objective=objective,
+        base_model_id=base.model_id,
+        tokenizer_fingerprint=base.fingerprint,
+        hidden_size=base.hidden_size,
+        vocab_size=base.vocab_size,
+        **config,
+    )
+    head = SharedBackboneQHead(cfg, base.token_embeddings)
+    return head.to(base.device)
+
+
+def read_head_config(source: str | Path | bytes) -> tuple[ValueHeadConfig, dict[str, torch.Tensor]]:
+    """Parse a head artifact (path or bytes) into its config and tensors, without a base model."""
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read value head {source!s}: {exc}") from exc
+    try:
+        tensors = load_safetensors_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"value head {_describe(source)} is not a valid safetensors file: {exc}") from exc
+    meta = header.get("__metadata__") or {}
+    if CONFIG_KEY not in meta:
+        raise ModelLoadError(f"value head {_describe(source)} has no {CONFIG_KEY!r} metadata")
+    try:
+        config = ValueHeadConfig.from_json(meta[CONFIG_KEY])
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"value head {_describe(source)} has a malformed config: {exc}") from exc
+    return config, tensors
+
+
+def check_compatible(config: ValueHeadConfig, base: BaseModel) -> None:
+    """Refuse a head trained against another tokenizer (or vocabulary/hidden size).
+
+    Raises:
+        IncompatibleHeadError: naming both fingerprints or sizes.
+    """
+    if config.tokenizer_fingerprint != base.fingerprint:
+        raise IncompatibleHeadError(
+            f"value head for {config.objective!r} was trained against tokenizer "
+            f"{config.tokenizer_fingerprint[:12]} (base {config.base_model_id!r}); the loaded base "
+            f"{base.model_id!r} has tokenizer {base.fingerprint[:12]}"
+        )
+    if (config.hidden_size, config.vocab_size) != (base.hidden_size, base.vocab_size):
+        raise IncompatibleHeadError(
+            f"value head for {config.objective!r} expects hidden size {config.hidden_size} and vocabulary "
+            f"{config.vocab_size}; base {base.model_id!r} has {base.hidden_size} and {base.vocab_size}"
+        )
+
+
+def load_value_model(source: str | Path | bytes, base: BaseModel) -> ValueModel:
+    """Load a value head artifact for use with ``base``.
+
+    Raises:
+        ModelLoadError: unreadable file, bad format, unknown architecture.
+        IncompatibleHeadError: the head was trained against another tokenizer.
+    """
+    config, tensors = read_head_config(source)
+    check_compatible(config, base)
+    from mavis_lc.separate_backbone import SEPARATE_BACKBONE, load_separate_backbone  # imports this module
+
+    if config.architecture == SEPARATE_BACKBONE:
+        return load_separate_backbone(config, tensors, base)
+    if config.architecture != SHARED_Q_HEAD:
+        raise ModelLoadError(
+            f"value head for {config.objective!r} has architecture {config.architecture!r}; "
+            f"allowed: {SHARED_Q_HEAD}, {SEPARATE_BACKBONE}"
+        )
+    head = SharedBackboneQHead(config, base.token_embeddings)
+    try:
+        head.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"value head for {config.objective!r} has unexpected tensors: {exc}") from exc
+    head.requires_grad_(False)
+    return head.to(base.device).eval()
+
+
+def _describe(source: str | Path | bytes) -> str:
+    return f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source)

@@ -1,0 +1,96 @@
+"""The shared-backbone Q head: formula, zero init, safetensors round trip, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mavis_lc.base_model import BaseModel, load_base_model
+from mavis_lc.decoding import DecodeConfig, MavisDecoder
+from mavis_lc.errors import IncompatibleHeadError, ModelLoadError
+from mavis_lc.value_model import ValueHeadConfig, load_value_model, new_shared_head, read_head_config
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path) -> BaseModel:
+    return load_base_model(str(tiny_model_dir))
+
+
+def test_q_values_follow_the_formula(base: BaseModel) -> None:
+    head = new_shared_head(base, "positivity")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    hidden = torch.randn(2, base.hidden_size, generator=g)
+    candidates = torch.tensor([[3, 5, 7], [11, 13, 3]])
+    with torch.no_grad():
+        q = head.q_values(hidden, candidates)
+    e = base.token_embeddings.detach()
+    for b in range(2):
+        for j, a in enumerate(candidates[b].tolist()):
+            with torch.no_grad():
+                u = head.proj.weight @ hidden[b] + head.proj.bias
+                v = head.state_value.weight[0] @ hidden[b] + head.state_value.bias[0]
+                expected = u @ e[a] + head.token_bias[a] + v
+            assert float(q[b, j]) == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+
+
+def test_a_fresh_head_is_zero_and_reproduces_base_sampling(base: BaseModel) -> None:
+    head = new_shared_head(base, "positivity")
+    assert all(float(p.detach().abs().sum()) == 0.0 for p in head.parameters())
+    cfg = DecodeConfig(max_new_tokens=16, top_k=30, seed=4, beta=5.0)
+    steered = MavisDecoder(base, [head]).generate(["Hello there"], {"positivity": 1.0}, cfg)[0]
+    plain = MavisDecoder(base).generate(["Hello there"], None, cfg)[0]
+    assert steered.token_ids == plain.token_ids
+    assert steered.kl == pytest.approx(plain.kl, abs=1e-6)
+
+
+def test_round_trip_through_one_safetensors_file(base: BaseModel, tmp_path: Path) -> None:
+    head = new_shared_head(base, "positivity", reward_mean=0.25, reward_std=2.0, iteration=1)
+    with torch.no_grad():
+        head.token_bias.copy_(torch.arange(base.vocab_size, dtype=torch.float32))
+        head.proj.weight.fill_(0.5)
+    path = head.save(tmp_path / "head.safetensors")
+    config, tensors = read_head_config(path)
+    assert config == head.config
+    assert set(tensors) == {"proj.weight", "proj.bias", "token_bias", "state_value.weight", "state_value.bias"}
+    loaded = load_value_model(path, base)
+    for name, tensor in head.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    assert all(not p.requires_grad for p in loaded.parameters())
+    header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    assert list(header["__metadata__"]) == ["mavis_config"]
+    assert load_value_model(path.read_bytes(), base).config == head.config
+
+
+def test_foreign_tokenizer_and_sizes_are_refused(base: BaseModel) -> None:
+    head = new_shared_head(base, "positivity")
+    foreign = ValueHeadConfig(**{**head.config.__dict__, "tokenizer_fingerprint": "f" * 64})
+    head.config = foreign
+    with pytest.raises(IncompatibleHeadError, match="ffffffffffff"):
+        load_value_model(head.to_bytes(), base)
+    wrong_size = ValueHeadConfig(**{**foreign.__dict__, "tokenizer_fingerprint": base.fingerprint, "hidden_size": 7})
+    head.config = wrong_size
+    with pytest.raises(IncompatibleHeadError, match="hidden size 7"):
+        load_value_model(head.to_bytes(), base)
+
+
+def test_not_a_head_is_a_model_load_error(base: BaseModel, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(ModelLoadError):
+        load_value_model(junk, base)
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_value_model(tmp_path / "missing.safetensors", base)
+
+
+def test_import_touches_neither_cuda_nor_the_model_hub() -> None:
+    code = "import torch, mavis_lc, mavis_lc.langchain, mavis_lc.decoding;print(torch.cuda.is_initialized())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
