@@ -1,0 +1,614 @@
+"""LangChain models: `MavisLLM` (text completion) and `ChatMavis` (chat, via the chat template).
+
+Construction is cheap and loads nothing; the base model and value heads are loaded on first
+use into a process-level cache (`mavis_lc.engine`), so copies made by ``bind``,
+``configurable_fields`` or ``with_config`` share them.
+
+Weights come, in order of precedence, from the call (``invoke(p, weights={...})``, or in
+``batch`` a list of mappings aligned with the inputs), the ``weights`` field, the ``preset``
+field (a preset in the registry), and otherwise each loaded head weighs 1/M. They multiply Q
+as given (see `mavis_lc.weights`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any, cast
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    BaseCallbackManager,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.globals import get_llm_cache
+from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
+from langchain_core.outputs import (
+    ChatGeneration,
+    ChatGenerationChunk,
+    ChatResult,
+    Generation,
+    GenerationChunk,
+    LLMResult,
+)
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import get_config_list
+from pydantic import BaseModel, ConfigDict, Field
+
+from mavis_lc import decoding
+from mavis_lc.engine import MavisEngine, get_engine
+from mavis_lc.errors import ConfigurationError, DecodingParameterError
+from mavis_lc.settings import get_settings
+
+CALL_PARAMS = ("weights", "preset", "beta", "top_k", "temperature", "max_tokens", "min_tokens", "seed", "do_sample")
+"""Parameters a single call may override (as keyword arguments of invoke, batch, stream...)."""
+ROW_PARAMS = ("weights", "seed")
+"""Call parameters that ``batch`` accepts per input: a list aligned with the inputs."""
+
+
+class _MavisParams(BaseModel):
+    """Fields shared by `MavisLLM` and `ChatMavis`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    base_model: str | None = None
+    """Base model: ``smollm2-135m-instruct`` (packaged), a local HF directory or a hub id (``MAVIS_BASE_MODEL``)."""
+    heads: list[str] = Field(default_factory=list)
+    """Value heads: registry specs (``positivity``, ``positivity@3``, ``positivity@prod``) or .safetensors paths."""
+    weights: dict[str, float] = Field(default_factory=dict)
+    """Objective weights; default: the preset's, else 1/M for each of the M heads."""
+    preset: str | None = None
+    """Name of a registry preset giving weights (and possibly pinned head versions)."""
+    beta: float = 1.0
+    """Guidance strength; 0 is plain top-k sampling of the base model."""
+    top_k: int = 20
+    """Candidate next tokens scored per step."""
+    temperature: float = 1.0
+    """Base-model temperature."""
+    max_tokens: int = 256
+    """Most new tokens per response."""
+    min_tokens: int = 0
+    """Fewest new tokens per response (EOS is banned before)."""
+    do_sample: bool = True
+    """Sample (True) or take the most likely tilted token (False)."""
+    seed: int | None = 0
+    """Seed of each row's sampler: the same prompt, weights and seed give the same text. None: random.
+    In ``batch`` a list of seeds aligned with the inputs gives each row its own (n samples of a prompt)."""
+    stop: list[str] | None = None
+    """Default stop strings; the output is cut just before the first one."""
+    device: str | None = None
+    """``auto``, ``cpu``, ``cuda``...; default ``MAVIS_DEVICE``."""
+    dtype: str | None = None
+    """``auto``, ``float32``, ``bfloat16``, ``float16``; default ``MAVIS_DTYPE``."""
+    database_url: str | None = None
+    """Registry database for specs and presets; default ``MAVIS_DATABASE_URL``."""
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return super().invoke(input, config, **_from_config(config, kwargs))  # type: ignore[misc]
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await super().ainvoke(input, config, **_from_config(config, kwargs))  # type: ignore[misc]
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        yield from super().stream(input, config, **_from_config(config, kwargs))  # type: ignore[misc]
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        async for chunk in super().astream(input, config, **_from_config(config, kwargs)):  # type: ignore[misc]
+            yield chunk
+
+    def _identity(self) -> dict[str, Any]:
+        """Every field that changes the output: the LLM cache key is built from these."""
+        return {name: getattr(self, name) for name in ("base_model", "heads", "stop", *CALL_PARAMS)}
+
+    def _preset(self, name: str) -> tuple[dict[str, float], list[str]]:
+        """A registry preset's weights, and a head spec per objective (its pinned one, else the latest)."""
+        from mavis_lc.registry import Registry, parse_spec
+
+        preset = Registry(self.database_url).get_preset(name)
+        pinned = {parse_spec(spec).objective: spec for spec in preset.pinned_specs}
+        objectives = sorted(set(preset.weights) | set(pinned))
+        return dict(preset.weights), [pinned.get(objective, objective) for objective in objectives]
+
+    def _head_specs(self) -> list[str]:
+        if self.heads:
+            return list(self.heads)
+        if self.preset:
+            return self._preset(self.preset)[1]
+        return sorted(self.weights)
+
+    def engine(self) -> MavisEngine:
+        """The shared engine for this object's base model and heads (loaded on first use)."""
+        return get_engine(
+            self.base_model,
+            self._head_specs(),
+            device=self.device,
+            dtype=self.dtype,
+            database_url=self.database_url,
+        )
+
+    def _default_weights(self, engine: MavisEngine, preset: str | None) -> dict[str, float]:
+        if self.weights:
+            return dict(self.weights)
+        if preset:
+            return self._preset(preset)[0]
+        return {name: 1.0 / len(engine.objectives) for name in engine.objectives}
+
+    def _call_options(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(kwargs) - set(CALL_PARAMS))
+        if unknown:
+            raise DecodingParameterError(
+                f"unknown call parameter(s) {', '.join(unknown)}; allowed: {', '.join(CALL_PARAMS)}"
+            )
+        return {name: kwargs.get(name, getattr(self, name)) for name in CALL_PARAMS} | {
+            "stop": stop if stop is not None else self.stop
+        }
+
+    def _decode(
+        self, prompts: Sequence[str], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> tuple[MavisEngine, decoding.DecodeConfig, list[dict[str, float]], list[int] | None]:
+        """Everything a decode needs: the engine, the config, one weight mapping per prompt, and
+        per-row seeds when the call gave a list of them."""
+        opts = self._call_options(stop, kwargs)
+        seed = opts["seed"]
+        seeds: list[int] | None = None
+        if isinstance(seed, Sequence):
+            seeds = [_row_seed(s) for s in seed]
+            if len(seeds) != len(prompts):
+                raise ConfigurationError(
+                    f"got {len(seeds)} seeds for {len(prompts)} inputs; per-row seeds need one each"
+                )
+            seed = 0
+        engine = self.engine()
+        call_weights = kwargs.get("weights")
+        preset = opts["preset"] if "preset" in kwargs else self.preset
+        if call_weights is None:
+            default = (
+                self._preset(preset)[0] if "preset" in kwargs and preset else self._default_weights(engine, preset)
+            )
+            rows: list[dict[str, float]] = [default] * len(prompts)
+        elif isinstance(call_weights, Mapping):
+            rows = [dict(call_weights)] * len(prompts)
+        else:
+            rows = [dict(w) for w in call_weights]
+            if len(rows) != len(prompts):
+                raise ConfigurationError(
+                    f"got {len(rows)} weight mappings for {len(prompts)} inputs; per-row weights need one per input"
+                )
+        config = decoding.DecodeConfig(
+            max_new_tokens=opts["max_tokens"],
+            min_new_tokens=opts["min_tokens"],
+            top_k=opts["top_k"],
+            temperature=opts["temperature"],
+            beta=opts["beta"],
+            do_sample=opts["do_sample"],
+            seed=seed,
+            stop=tuple(opts["stop"] or ()),
+        )
+        return engine, config, rows, seeds
+
+    def _metadata(self, engine: MavisEngine, generation: decoding.Generation) -> dict[str, Any]:
+        return {**generation.info(), "model_name": engine.base.model_id, "heads": engine.heads_info()}
+
+    def _model_name(self) -> str:
+        return self.base_model or get_settings().base_model
+
+    def _cache_active(self, cache: Any) -> bool:
+        return cache is not False and (cache is not None or get_llm_cache() is not None)
+
+
+def _from_config(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Call parameters given in ``config["configurable"]`` (how chains pass them to every step)."""
+    configurable = (config or {}).get("configurable") or {}
+    return {**{k: v for k, v in configurable.items() if k in CALL_PARAMS}, **kwargs}
+
+
+def _batch_kwargs(configs: list[RunnableConfig], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Merge per-input ``configurable`` call parameters into batch kwargs.
+
+    Weights and seeds may differ per input (they become per-row lists); other parameters must agree.
+
+    Raises:
+        ConfigurationError: a parameter other than weights and seed differs between inputs, or
+            weights or seeds were given for some inputs but not all.
+    """
+    per_input = [_from_config(c, {}) for c in configs]
+    merged = dict(kwargs)
+    for name in CALL_PARAMS:
+        if name in kwargs or not any(name in p for p in per_input):
+            continue
+        values = [p.get(name) for p in per_input]
+        if name == "weights":
+            if any(v is None for v in values):
+                raise ConfigurationError("configurable weights were given for some inputs of a batch but not all")
+            merged["weights"] = [dict(cast(Mapping[str, float], v)) for v in values]
+        elif any(v != values[0] for v in values):
+            if name != "seed":
+                raise ConfigurationError(
+                    f"only {' and '.join(ROW_PARAMS)} may differ per input of a batch; {name} got {values!r}"
+                )
+            if not all(name in p for p in per_input):
+                raise ConfigurationError("configurable seeds were given for some inputs of a batch but not all")
+            merged["seed"] = values
+        else:
+            merged[name] = values[0]
+    return merged
+
+
+def _row_seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"a per-row seed must be an int, got {value!r}")
+    return value
+
+
+def _per_row(kwargs: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The row parameters of a call given as lists aligned with the inputs."""
+    return {
+        name: list(kwargs[name])
+        for name in ROW_PARAMS
+        if isinstance(kwargs.get(name), Sequence) and not isinstance(kwargs[name], str | Mapping)
+    }
+
+
+def _row_slice(kwargs: Mapping[str, Any], rows: Mapping[str, list[Any]], start: int, end: int) -> dict[str, Any]:
+    return {**kwargs, **{name: values[start:end] for name, values in rows.items()}}
+
+
+def _check_rows(rows: Mapping[str, list[Any]], n: int) -> None:
+    for name, values in rows.items():
+        if len(values) != n:
+            raise ConfigurationError(f"got {len(values)} {name} entries for {n} inputs; per-row {name} need one each")
+
+
+def _per_prompt(callbacks: Any) -> bool:
+    """Whether ``generate`` got one callbacks entry per prompt (as `BaseLLM.batch` passes them)."""
+    return (
+        isinstance(callbacks, list)
+        and bool(callbacks)
+        and (callbacks[0] is None or isinstance(callbacks[0], (list, BaseCallbackManager)))
+    )
+
+
+class MavisLLM(_MavisParams, BaseLLM):
+    """A text-completion LLM steered by MAVIS value heads.
+
+    Example:
+        llm = MavisLLM(heads=["positivity@production", "conciseness@production"])
+        llm.invoke("Write a haiku about rain.", weights={"positivity": 0.8, "conciseness": 0.2})
+        llm.batch(["a", "b"], weights=[{"positivity": 1.0}, {"conciseness": 1.0}])
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "mavis"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_model_name"] = kwargs.get("model", self._model_name())
+        return params
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self._identity()
+
+    def generate(  # type: ignore[override]
+        self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any
+    ) -> LLMResult:
+        """As `BaseLLM.generate`; per-call parameters are folded into the LLM cache key."""
+        call = {k: kwargs.pop(k) for k in CALL_PARAMS if k in kwargs}
+        if not call or not self._cache_active(self.cache):
+            return super().generate(prompts, stop, callbacks, **kwargs, **call)
+        rows = _per_row(call)
+        if not rows:
+            return self.model_copy(update=call).generate(prompts, stop, callbacks, **kwargs)
+        # Per-row weights or seeds under a cache: each prompt is cached under its own.
+        _check_rows(rows, len(prompts))
+        per_prompt = _per_prompt(callbacks)
+        listed = ("tags", "metadata", "run_name")
+        results = [
+            self.model_copy(update={**call, **{name: values[i] for name, values in rows.items()}}).generate(
+                [p],
+                stop,
+                callbacks[i] if per_prompt else callbacks,
+                **{k: v[i] if per_prompt and k in listed and isinstance(v, list) else v for k, v in kwargs.items()},
+            )
+            for i, p in enumerate(prompts)
+        ]
+        return LLMResult(generations=[g for r in results for g in r.generations])
+
+    def batch(  # type: ignore[override]
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """As `BaseLLM.batch` (one batched decode); ``weights`` and ``seed`` lists are split with the inputs."""
+        configs = get_config_list(config, len(inputs))
+        kwargs = _batch_kwargs(configs, kwargs)
+        rows = _per_row(kwargs)
+        chunk = configs[0].get("max_concurrency") if configs else None
+        if chunk is None or not rows:
+            return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
+        _check_rows(rows, len(inputs))
+        configs = [{**c, "max_concurrency": None} for c in configs]
+        outputs: list[str] = []
+        for i in range(0, len(inputs), chunk):
+            outputs += super().batch(
+                inputs[i : i + chunk],
+                configs[i : i + chunk],
+                return_exceptions=return_exceptions,
+                **_row_slice(kwargs, rows, i, i + chunk),
+            )
+        return outputs
+
+    async def abatch(  # type: ignore[override]
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """As `BaseLLM.abatch`, with per-input ``configurable`` weights merged into one decode."""
+        configs = get_config_list(config, len(inputs))
+        return await super().abatch(
+            inputs, configs, return_exceptions=return_exceptions, **_batch_kwargs(configs, kwargs)
+        )
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        engine, config, rows, seeds = self._decode(prompts, stop, kwargs)
+        generations = engine.generate(prompts, rows, config, seeds=seeds)
+        return LLMResult(
+            generations=[[Generation(text=g.text, generation_info=self._metadata(engine, g))] for g in generations],
+            llm_output={"model_name": engine.base.model_id, "token_usage": _usage(generations)},
+        )
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        engine, config, rows, seeds = self._decode([prompt], stop, kwargs)
+        for step in engine.stream([prompt], rows, config, seeds=seeds):
+            finished = step.finished[0]
+            info = self._metadata(engine, finished) if finished is not None else None
+            if not step.deltas[0] and info is None:
+                continue
+            chunk = GenerationChunk(text=step.deltas[0], generation_info=info)
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+
+class ChatMavis(_MavisParams, BaseChatModel):
+    """A chat model steered by MAVIS value heads; messages go through the tokenizer's chat template.
+
+    Example:
+        chat = ChatMavis(heads=["positivity", "conciseness"], weights={"positivity": 0.5, "conciseness": 0.5})
+        chat.invoke("Describe your weekend.", weights={"positivity": 1.0})
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "mavis-chat"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_model_name"] = kwargs.get("model", self._model_name())
+        return params
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self._identity()
+
+    def _format(self, engine: MavisEngine, messages: Sequence[BaseMessage]) -> str:
+        chat = [{"role": _role(m), "content": m.text} for m in messages]
+        tokenizer = engine.base.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigurationError(
+                f"base model {engine.base.model_id!r} has no chat template; use MavisLLM for plain prompts"
+            )
+        return cast(str, tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+
+    def _chat_generations(
+        self, batch: Sequence[Sequence[BaseMessage]], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> list[ChatGeneration]:
+        engine = self.engine()
+        prompts = [self._format(engine, m) for m in batch]
+        engine, config, rows, seeds = self._decode(prompts, stop, kwargs)
+        return [
+            ChatGeneration(
+                message=AIMessage(
+                    content=g.text, usage_metadata=_message_usage(g), response_metadata=self._metadata(engine, g)
+                ),
+                generation_info=self._metadata(engine, g),
+            )
+            for g in engine.generate(prompts, rows, config, seeds=seeds)
+        ]
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return ChatResult(generations=self._chat_generations([messages], stop, kwargs))
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        engine = self.engine()
+        prompt = self._format(engine, messages)
+        engine, config, rows, seeds = self._decode([prompt], stop, kwargs)
+        for step in engine.stream([prompt], rows, config, seeds=seeds):
+            if step.deltas[0]:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=step.deltas[0]))
+            finished = step.finished[0]
+            if finished is not None:
+                meta = self._metadata(engine, finished)
+                yield ChatGenerationChunk(
+                    message=AIMessageChunk(
+                        content="",
+                        usage_metadata=_message_usage(finished),
+                        response_metadata=meta,
+                        chunk_position="last",
+                    ),
+                    generation_info=meta,
+                )
+
+    def batch(  # type: ignore[override]
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """Decode every input in one batched loop; ``weights`` may be a list aligned with ``inputs``."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        kwargs = _batch_kwargs(configs, kwargs)
+        if self._cache_active(self.cache) or configs[0].get("max_concurrency") is not None:
+            return self._batch_one_by_one(inputs, configs, return_exceptions, kwargs)
+        stop = kwargs.pop("stop", None)
+        batch = [self._convert_input(x).to_messages() for x in inputs]
+        managers = [
+            CallbackManager.configure(*self._callback_sources(c)).on_chat_model_start(
+                self._serialized, [m], **self._start_options(c, stop, len(inputs))
+            )[0]
+            for c, m in zip(configs, batch, strict=True)
+        ]
+        try:
+            generations = self._chat_generations(batch, stop, kwargs)
+        except Exception as exc:
+            for manager in managers:
+                manager.on_llm_error(exc)
+            if return_exceptions:
+                return cast(list[BaseMessage], [exc for _ in inputs])
+            raise
+        for manager, generation in zip(managers, generations, strict=True):
+            manager.on_llm_end(LLMResult(generations=[[generation]]))
+        return [g.message for g in generations]
+
+    async def abatch(  # type: ignore[override]
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """As `batch`, with async callbacks; the decode runs in an executor thread."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        kwargs = _batch_kwargs(configs, kwargs)
+        loop = asyncio.get_running_loop()
+        if self._cache_active(self.cache) or configs[0].get("max_concurrency") is not None:
+            call = partial(self._batch_one_by_one, inputs, configs, return_exceptions, kwargs)
+            return await loop.run_in_executor(None, call)
+        stop = kwargs.pop("stop", None)
+        batch = [self._convert_input(x).to_messages() for x in inputs]
+        managers = [
+            (
+                await AsyncCallbackManager.configure(*self._callback_sources(c)).on_chat_model_start(
+                    self._serialized, [m], **self._start_options(c, stop, len(inputs))
+                )
+            )[0]
+            for c, m in zip(configs, batch, strict=True)
+        ]
+        try:
+            generations = await loop.run_in_executor(None, partial(self._chat_generations, batch, stop, kwargs))
+        except Exception as exc:
+            for manager in managers:
+                await manager.on_llm_error(exc)
+            if return_exceptions:
+                return cast(list[BaseMessage], [exc for _ in inputs])
+            raise
+        for manager, generation in zip(managers, generations, strict=True):
+            await manager.on_llm_end(LLMResult(generations=[[generation]]))
+        return [g.message for g in generations]
+
+    def _callback_sources(self, config: RunnableConfig) -> tuple[Any, ...]:
+        """``CallbackManager.configure`` arguments of one input: its config's callbacks, tags and
+        metadata next to this model's."""
+        return (
+            config.get("callbacks"),
+            self.callbacks,
+            self.verbose,
+            config.get("tags"),
+            self.tags,
+            config.get("metadata"),
+            self.metadata,
+        )
+
+    def _start_options(self, config: RunnableConfig, stop: list[str] | None, batch_size: int) -> dict[str, Any]:
+        """Keyword arguments of ``on_chat_model_start`` for one input of a batch."""
+        return {
+            "invocation_params": self._identity(),
+            "options": {"stop": stop},
+            "name": config.get("run_name"),
+            "run_id": config.get("run_id"),
+            "batch_size": batch_size,
+        }
+
+    def _batch_one_by_one(
+        self,
+        inputs: list[LanguageModelInput],
+        configs: list[RunnableConfig],
+        return_exceptions: bool,
+        kwargs: dict[str, Any],
+    ) -> list[BaseMessage]:
+        """Per-input invokes, so a cache keys every input on its own weights and seed."""
+        rows = _per_row(kwargs)
+        _check_rows(rows, len(inputs))
+        outputs: list[Any] = []
+        for i, (x, c) in enumerate(zip(inputs, configs, strict=True)):
+            call = {**kwargs, **{name: values[i] for name, values in rows.items()}}
+            try:
+                outputs.append(self.invoke(x, {**c, "max_concurrency": None}, **call))
+            except Exception as exc:
+                if not return_exceptions:
+                    raise
+                outputs.append(exc)
+        return outputs
+
+
+def _role(message: BaseMessage) -> str:
+    if isinstance(message, ChatMessage):
+        return message.role
+    if isinstance(message, ToolMessage):
+        return "tool"
+    return {"human": "user", "ai": "assistant", "system": "system"}.get(message.type, message.type)
+
+
+def _message_usage(g: decoding.Generation) -> Any:
+    return {
+        "input_tokens": g.prompt_tokens,
+        "output_tokens": g.completion_tokens,
+        "total_tokens": g.prompt_tokens + g.completion_tokens,
+    }
+
+
+def _usage(generations: Sequence[decoding.Generation]) -> dict[str, int]:
+    prompt = sum(g.prompt_tokens for g in generations)
+    completion = sum(g.completion_tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
