@@ -1,0 +1,95 @@
+"""MavisLLM resolving heads and presets through the registry (SQLite, local artifact store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mavis_lc import MavisLLM
+from mavis_lc.base_model import BaseModel, load_base_model
+from mavis_lc.errors import ArtifactError, IncompatibleHeadError, NotFoundError
+from mavis_lc.registry import Registry
+from mavis_lc.value_model import ValueHeadConfig, new_shared_head
+
+
+@pytest.fixture
+def base(tiny_model_dir: Path) -> BaseModel:
+    return load_base_model(str(tiny_model_dir))
+
+
+def register(registry: Registry, base: BaseModel, objective: str, seed: int) -> int:
+    head = new_shared_head(base, objective)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    info = registry.register_version(
+        objective,
+        head.to_bytes(),
+        base_model_id=base.model_id,
+        tokenizer_fingerprint=base.fingerprint,
+        architecture={"architecture": head.config.architecture},
+        iteration=0,
+        training_params={},
+        metrics={},
+        normalization={"mean": 0.0, "std": 1.0},
+    )
+    return info.version
+
+
+def test_specs_aliases_and_presets_resolve_to_registered_heads(base: BaseModel, tiny_model_dir: Path) -> None:
+    registry = Registry()
+    register(registry, base, "positivity", 1)
+    v2 = register(registry, base, "positivity", 2)
+    register(registry, base, "conciseness", 3)
+    registry.set_alias("positivity", "production", 1)
+    llm = MavisLLM(base_model=str(tiny_model_dir), max_tokens=10, beta=3.0)
+
+    production = llm.model_copy(update={"heads": ["positivity@production"]})
+    latest = llm.model_copy(update={"heads": ["positivity"]})
+    out = production.generate(["Hello"], weights={"positivity": 1.0})
+    assert out.generations[0][0].generation_info["heads"][0]["version"] == 1  # type: ignore[index]
+    assert latest.generate(["Hello"]).generations[0][0].generation_info["heads"][0]["version"] == v2  # type: ignore[index]
+    assert production.invoke("Hello") != latest.invoke("Hello")
+
+    registry.create_preset("balanced", {"positivity": 0.5, "conciseness": 0.5}, pinned_specs=["positivity@production"])
+    preset = llm.model_copy(update={"preset": "balanced"})
+    info = preset.generate(["Hello"]).generations[0][0].generation_info or {}
+    assert info["weights"] == {"positivity": 0.5, "conciseness": 0.5}
+    assert {(h["objective"], h["version"]) for h in info["heads"]} == {("positivity", 1), ("conciseness", 1)}
+    explicit = MavisLLM(
+        base_model=str(tiny_model_dir), max_tokens=10, beta=3.0, heads=["positivity@1", "conciseness@1"]
+    )
+    assert preset.invoke("Hello") == explicit.invoke("Hello", weights={"positivity": 0.5, "conciseness": 0.5})
+
+
+def test_unknown_specs_list_what_exists(base: BaseModel, tiny_model_dir: Path) -> None:
+    register(Registry(), base, "positivity", 1)
+    llm = MavisLLM(base_model=str(tiny_model_dir), heads=["positivity@staging"])
+    with pytest.raises(NotFoundError, match="staging"):
+        llm.invoke("Hello")
+    with pytest.raises(NotFoundError, match="positivity"):
+        MavisLLM(base_model=str(tiny_model_dir), heads=["humour"]).invoke("Hello")
+
+
+def test_tampered_artifact_is_refused(base: BaseModel, tiny_model_dir: Path) -> None:
+    registry = Registry()
+    register(registry, base, "positivity", 4)
+    info = registry.resolve("positivity@1")
+    path = registry.fetch_artifact(info)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError):
+        MavisLLM(base_model=str(tiny_model_dir), heads=["positivity@1"]).invoke("Hello")
+
+
+def test_head_for_another_tokenizer_is_refused(base: BaseModel, tiny_model_dir: Path, tmp_path: Path) -> None:
+    head = new_shared_head(base, "positivity")
+    head.config = ValueHeadConfig(**{**head.config.__dict__, "tokenizer_fingerprint": "0" * 64})
+    path = head.save(tmp_path / "foreign.safetensors")
+    with pytest.raises(IncompatibleHeadError, match="tokenizer 000000000000"):
+        MavisLLM(base_model=str(tiny_model_dir), heads=[str(path)]).invoke("Hello")
