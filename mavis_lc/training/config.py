@@ -1,0 +1,174 @@
+"""`TrainingConfig`: every parameter of a value-model training run, with a default and a help line.
+
+Each field's ``metadata["help"]`` is the one-line text a CLI shows for the matching flag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from mavis_lc.errors import ConfigurationError
+
+ARCHITECTURES = ("shared_q_head", "separate_backbone")
+
+# Fields that change where or how fast a run computes, never what it computes.
+_RUNTIME_FIELDS = frozenset({"device", "rollout_cache_dir", "reward_batch_size"})
+
+
+@dataclass
+class TrainingConfig:
+    """One value-model training run (DESIGN.md §1): trees, targets, fit, for ``n_iterations``."""
+
+    objective: str = field(
+        default="positivity", metadata={"help": "Objective spec: a built-in name, hf:<dir> or package.module:function."}
+    )
+    objective_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Keyword options passed to the objective's constructor."}
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Base model (packaged name, local directory or hub id); default MAVIS_BASE_MODEL."},
+    )
+    prompts: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "Prompt source: a .jsonl/.jsonl.gz path, a text file (one per line) or a list of prompts."},
+    )
+    max_prompts: int | None = field(
+        default=None, metadata={"help": "Use only the first this many prompts of the source."}
+    )
+    chat_template: bool = field(
+        default=True,
+        metadata={"help": "Wrap each prompt as a user turn with the base tokenizer's chat template, when it has one."},
+    )
+    n_iterations: int = field(
+        default=2,
+        metadata={"help": "Soft policy-improvement iterations (0 samples from pi_ref, later ones from MAVIS)."},
+    )
+    k_root: int = field(default=4, metadata={"help": "Branches from the root (the prompt) of each tree."})
+    k_children: int = field(default=2, metadata={"help": "Children of every later node of a tree."})
+    n_layers: int = field(default=5, metadata={"help": "Segment layers of a tree (L): depth below the root."})
+    segment_min_tokens: int = field(default=4, metadata={"help": "Shortest segment a node samples (tokens)."})
+    segment_max_tokens: int = field(default=12, metadata={"help": "Longest segment a node samples (tokens)."})
+    t_max_tokens: int = field(
+        default=1024, metadata={"help": "Token budget of one tree; a layer that does not fit is not sampled."}
+    )
+    leaf_completion_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Sample every node of a tree's deepest layer on until EOS or until its response is this many "
+            "tokens long, so leaves are scored as whole responses (set it to the decoding max_tokens); 0: leaves "
+            "end with their segment and are scored as partial responses. Outside the t_max_tokens budget."
+        },
+    )
+    rollout_prompts_per_batch: int = field(
+        default=8,
+        metadata={"help": "Trees sampled together in one batched forward; shard boundaries must be multiples of it."},
+    )
+    top_k: int = field(default=20, metadata={"help": "Candidate next tokens per step, in rollouts and in the tilt."})
+    temperature: float = field(default=1.0, metadata={"help": "Base-model temperature T of the rollouts."})
+    beta: float = field(
+        default=1.0, metadata={"help": "Guidance strength of the previous head when sampling iterations >= 1."}
+    )
+    zeta: float = field(
+        default=0.1,
+        metadata={"help": "KL penalty per nat of future log(pi/pi_ref) in the soft targets of iterations >= 1."},
+    )
+    architecture: str = field(
+        default="shared_q_head",
+        metadata={"help": "Value model: shared_q_head (head on base features) or separate_backbone (own small LM)."},
+    )
+    backbone_layers: int = field(
+        default=2, metadata={"help": "Separate backbone: how many of the base's first layers it copies."}
+    )
+    value_mode: str = field(
+        default="q_head",
+        metadata={"help": "Separate backbone: q_head (Q over candidates) or scalar (V(prefix + candidate))."},
+    )
+    learning_rate: float = field(
+        default=3e-5,
+        metadata={"help": "AdamW learning rate of the fit (the shared head's d x d projection diverges at 1e-3)."},
+    )
+    bias_learning_rate: float = field(
+        default=3e-3,
+        metadata={
+            "help": "AdamW learning rate of the shared head's vectors (per-token bias, projection bias, state value)."
+        },
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the fit."})
+    epochs: int = field(default=20, metadata={"help": "Most passes over the training targets per iteration."})
+    fit_batch_size: int = field(default=256, metadata={"help": "Shared head: (state, token) pairs per minibatch."})
+    sequence_batch_size: int = field(default=8, metadata={"help": "Separate backbone: leaf paths per minibatch."})
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of prompts held out for validation (split by prompt)."}
+    )
+    patience: int = field(default=3, metadata={"help": "Stop after this many epochs without a better validation MSE."})
+    seed: int = field(default=0, metadata={"help": "Seed of trees, segment lengths, the validation split and the fit."})
+    reward_batch_size: int = field(default=64, metadata={"help": "Leaves scored per reward-function call."})
+    device: str | None = field(default=None, metadata={"help": "auto, cpu, cuda or cuda:N; default MAVIS_DEVICE."})
+    rollout_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of iteration-0 rollouts, reused by other objectives; default $MAVIS_HOME/cache/rollouts."
+        },
+    )
+
+    def validate(self) -> None:
+        """Raise `ConfigurationError` naming the first field out of range."""
+        positive = (
+            "n_iterations",
+            "k_root",
+            "k_children",
+            "n_layers",
+            "segment_min_tokens",
+            "t_max_tokens",
+            "rollout_prompts_per_batch",
+            "top_k",
+            "backbone_layers",
+            "epochs",
+            "fit_batch_size",
+            "sequence_batch_size",
+            "patience",
+            "reward_batch_size",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.leaf_completion_tokens, bool) or not isinstance(self.leaf_completion_tokens, int):
+            raise ConfigurationError(
+                f"leaf_completion_tokens must be an integer >= 0, got {self.leaf_completion_tokens!r}"
+            )
+        if self.leaf_completion_tokens < 0:
+            raise ConfigurationError(
+                f"leaf_completion_tokens must be an integer >= 0, got {self.leaf_completion_tokens!r}"
+            )
+        if self.segment_max_tokens < self.segment_min_tokens:
+            raise ConfigurationError(
+                f"segment_max_tokens ({self.segment_max_tokens}) must be >= "
+                f"segment_min_tokens ({self.segment_min_tokens})"
+            )
+        for name in ("temperature", "learning_rate", "bias_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("beta", "zeta", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigurationError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigurationError(
+                f"architecture {self.architecture!r} is not allowed; allowed: {', '.join(ARCHITECTURES)}"
+            )
+        if self.value_mode not in ("q_head", "scalar"):
+            raise ConfigurationError(f"value_mode {self.value_mode!r} is not allowed; allowed: q_head, scalar")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self, exclude: frozenset[str] = frozenset()) -> str:
+        """sha256 of the fields that determine the result (runtime-only fields and ``exclude`` left out)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RUNTIME_FIELDS | exclude}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

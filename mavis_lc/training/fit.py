@@ -1,0 +1,293 @@
+"""Fit a value model to tree targets by regression (DESIGN.md §1, step 2).
+
+Every sampled token is one example: the state s_t before it, the token a_t, and its target
+(`mavis_lc.training.targets`); the loss is the MSE of Q(s_t, a_t) against it, minimised with
+AdamW in minibatches.
+
+- Shared-backbone head: the states are the base hidden states the rollouts recorded, so the
+  fit never runs the base model (cached features).
+- Separate backbone: the examples are read off leaf paths (prompt + response), one forward of
+  the small LM per path; a token shared by several paths is supervised on the first path only,
+  so every example counts once, as for the shared head.
+
+Validation holds out whole prompts (`split_prompts`), so no tree contributes to both sides.
+After every epoch the validation MSE is measured; the best epoch's weights are kept and
+training stops after ``patience`` epochs without improvement. Metrics, on the validation
+tokens: ``val_mse``, ``r2`` (1 - MSE / variance of the targets) and ``spearman`` (rank
+correlation of predictions and Monte Carlo targets).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from mavis_lc.base_model import BaseModel
+from mavis_lc.errors import TrainingCancelled
+from mavis_lc.separate_backbone import SeparateBackboneValueModel
+from mavis_lc.training.config import TrainingConfig
+from mavis_lc.training.rollouts import TreeRollouts
+from mavis_lc.value_model import SharedBackboneQHead
+
+FitProgress = Callable[[int, int, dict[str, float]], None]
+"""``progress(epoch, epochs, metrics)`` after every epoch."""
+
+
+@dataclass
+class FitResult:
+    """What a fit produced: the metrics of its best epoch and the per-epoch history."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def split_prompts(n_prompts: int, val_fraction: float, seed: int) -> list[bool]:
+    """Per prompt: True if it is held out for validation. Depends only on the arguments.
+
+    ``round(n_prompts * val_fraction)`` prompts, at least one when ``val_fraction > 0`` and at
+    least one is left to train on.
+    """
+    n_val = round(n_prompts * val_fraction)
+    if val_fraction > 0 and n_prompts >= 2:
+        n_val = min(max(n_val, 1), n_prompts - 1)
+    held_out = set(random.Random(f"split:{seed}").sample(range(n_prompts), n_val))
+    return [i in held_out for i in range(n_prompts)]
+
+
+def regression_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """``mse``, ``r2`` and ``spearman`` of predictions against targets, both (n,)."""
+    prediction, target = prediction.double(), target.double()
+    mse = float(((prediction - target) ** 2).mean()) if target.numel() else math.nan
+    variance = float(target.var(unbiased=False)) if target.numel() else math.nan
+    r2 = 1.0 - mse / variance if variance > 0 else math.nan
+    varies = target.numel() > 1 and bool(prediction.std() > 0) and variance > 0  # else rank correlation is undefined
+    rho = float(spearmanr(prediction.numpy(), target.numpy()).statistic) if varies else math.nan
+    return {"mse": mse, "r2": r2, "spearman": rho}
+
+
+def fit_shared_head(
+    head: SharedBackboneQHead,
+    rollouts: TreeRollouts,
+    token_target: torch.Tensor,
+    config: TrainingConfig,
+    *,
+    progress: FitProgress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Regress ``head`` (updated in place, warm start = its current weights) on the targets.
+
+    Args:
+        token_target: (T,) target of every rollout token.
+
+    Raises:
+        TrainingCancelled: ``should_cancel()`` returned True between minibatches.
+    """
+    device = head.proj.weight.device
+    features = rollouts.hidden.to(device)  # (T, d) h(s_t)
+    actions = rollouts.tokens.to(device)  # (T,) a_t
+    targets = token_target.to(device).float()  # (T,)
+    held_out = torch.tensor(split_prompts(len(rollouts.prompts), config.val_fraction, config.seed))
+    is_val = held_out[rollouts.node_prompt[rollouts.token_node()]].to(device)  # (T,)
+    train_idx = torch.nonzero(~is_val).squeeze(1)
+    val_idx = torch.nonzero(is_val).squeeze(1)
+
+    def predict(idx: torch.Tensor) -> torch.Tensor:
+        return head.q_values(features[idx], actions[idx, None]).squeeze(1)  # (n,)
+
+    def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
+        order = train_idx[torch.randperm(train_idx.numel(), generator=generator).to(device)]
+        yield from order.split(config.fit_batch_size)
+
+    def evaluate(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return torch.cat([predict(b) for b in idx.split(4096)]).cpu(), targets[idx].cpu()
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(predict(batch), targets[batch])
+
+    return _train(head, batches, loss_of, train_idx, val_idx, evaluate, config, progress, should_cancel)
+
+
+def fit_separate_backbone(
+    model: SeparateBackboneValueModel,
+    base: BaseModel,
+    rollouts: TreeRollouts,
+    token_target: torch.Tensor,
+    config: TrainingConfig,
+    *,
+    progress: FitProgress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Fine-tune a separate-backbone value model (in place, warm start) on leaf paths.
+
+    Args:
+        base: the base model whose tokenizer encodes the prompts.
+        token_target: (T,) target of every rollout token.
+    """
+    paths = _leaf_paths(rollouts, base)
+    held_out = split_prompts(len(rollouts.prompts), config.val_fraction, config.seed)
+    train_paths = torch.tensor([i for i, p in enumerate(paths) if not held_out[p.prompt]], dtype=torch.long)
+    val_paths = torch.tensor([i for i, p in enumerate(paths) if held_out[p.prompt]], dtype=torch.long)
+    pad_id = int(base.tokenizer.pad_token_id)
+    device = base.device
+    targets = token_target.float()
+
+    def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and targets of the supervised tokens of paths ``batch``, each (n,)."""
+        chosen = [paths[i] for i in batch.tolist()]
+        width = max(len(p.input_ids) for p in chosen)
+        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chosen), width, dtype=torch.long)
+        supervised = torch.zeros(len(chosen), width - 1, dtype=torch.bool)
+        token_index = torch.zeros(len(chosen), width - 1, dtype=torch.long)
+        for row, path in enumerate(chosen):
+            pad = width - len(path.input_ids)
+            ids[row, pad:] = torch.tensor(path.input_ids)
+            mask[row, pad:] = 1
+            first = pad + path.prompt_length - 1  # q index of the first response token
+            supervised[row, first : first + len(path.tokens)] = torch.tensor(path.supervised)
+            token_index[row, first : first + len(path.tokens)] = torch.tensor(path.tokens)
+        q = model.sequence_q(ids.to(device), mask.to(device))  # (B, width-1)
+        return q[supervised.to(device)].float(), targets[token_index[supervised]].to(device)
+
+    def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
+        yield from train_paths[torch.randperm(train_paths.numel(), generator=generator)].split(
+            config.sequence_batch_size
+        )
+
+    def evaluate(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            outs = [forward(b) for b in idx.split(config.sequence_batch_size)]
+        if not outs:
+            return torch.zeros(0), torch.zeros(0)
+        return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        prediction, target = forward(batch)
+        return nn.functional.mse_loss(prediction, target) if target.numel() else prediction.sum() * 0.0
+
+    return _train(model, batches, loss_of, train_paths, val_paths, evaluate, config, progress, should_cancel)
+
+
+def _train(
+    model: nn.Module,
+    batches: Callable[[torch.Generator], Iterator[torch.Tensor]],
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    config: TrainingConfig,
+    progress: FitProgress | None,
+    should_cancel: Callable[[], bool] | None,
+) -> FitResult:
+    """The shared loop: AdamW epochs over minibatches, early stopping on validation MSE.
+
+    With no validation examples, selection and metrics use the training examples.
+    """
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    select_on = val_idx if val_idx.numel() else train_idx
+    best_mse, best_state, best_epoch, stale = math.inf, copy.deepcopy(model.state_dict()), 0, 0
+    history: list[dict[str, float]] = []
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        total, count = 0.0, 0
+        for batch in batches(generator):
+            if should_cancel is not None and should_cancel():
+                raise TrainingCancelled("fit cancelled")
+            loss = loss_of(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * batch.numel()
+            count += batch.numel()
+        model.eval()
+        scores = regression_metrics(*evaluate(select_on))
+        model.train()
+        row = {"epoch": float(epoch), "train_loss": total / max(count, 1), "val_mse": scores["mse"]}
+        history.append(row)
+        if progress is not None:
+            progress(epoch, config.epochs, row)
+        if scores["mse"] < best_mse:
+            best_mse, best_state, best_epoch, stale = scores["mse"], copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    final = regression_metrics(*evaluate(select_on))
+    metrics = {
+        "val_mse": final["mse"],
+        "r2": final["r2"],
+        "spearman": final["spearman"],
+        "train_loss": history[best_epoch - 1]["train_loss"] if best_epoch else math.nan,
+        "best_epoch": float(best_epoch),
+        "epochs_run": float(len(history)),
+        "n_train": float(train_idx.numel()),
+        "n_val": float(val_idx.numel()),
+    }
+    return FitResult(metrics=metrics, history=history)
+
+
+@dataclass
+class _LeafPath:
+    prompt: int  # index into rollouts.prompts
+    input_ids: list[int]  # prompt + response token ids
+    prompt_length: int
+    tokens: list[int]  # flat rollout index of every response token
+    supervised: list[bool]  # first path to contain that token
+
+
+def _leaf_paths(rollouts: TreeRollouts, base: BaseModel) -> list[_LeafPath]:
+    prompt_ids = base.tokenizer(rollouts.prompts)["input_ids"]  # as the rollouts encoded them
+    seen: set[int] = set()
+    paths: list[_LeafPath] = []
+    for leaf in rollouts.leaves().tolist():
+        chain: list[int] = []
+        node = leaf
+        while node >= 0:
+            chain.append(node)
+            node = int(rollouts.node_parent[node])
+        index = [
+            t
+            for n in reversed(chain)
+            for t in range(int(rollouts.node_start[n]), int(rollouts.node_start[n] + rollouts.node_length[n]))
+        ]
+        supervised = [t not in seen for t in index]
+        seen.update(index)
+        prompt = int(rollouts.node_prompt[leaf])
+        ids = list(prompt_ids[prompt])
+        paths.append(
+            _LeafPath(
+                prompt=prompt,
+                input_ids=ids + rollouts.tokens[index].tolist(),
+                prompt_length=len(ids),
+                tokens=index,
+                supervised=supervised,
+            )
+        )
+    return paths
+
+
+def _param_groups(model: nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the shared head's vectors (per-token bias, projection bias, state
+    value) learn at ``bias_learning_rate``; matrices, and every separate-backbone parameter, at
+    ``learning_rate``. Adam moves a parameter by about its rate per step whatever the gradient's
+    scale, so at the matrix rate a per-token bias could not reach a useful size in a short fit."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not isinstance(model, SharedBackboneQHead):
+        return [{"params": trainable}]
+    matrices = [p for p in trainable if p.dim() >= 2]
+    vectors = [p for p in trainable if p.dim() < 2]
+    return [{"params": matrices}, {"params": vectors, "lr": config.bias_learning_rate}]

@@ -1,0 +1,445 @@
+"""Tree rollouts: the Monte Carlo samples value models learn from (DESIGN.md §1, step 1).
+
+For every prompt a tree of continuations is sampled. The root is the prompt; it fans out into
+``k_root`` children, every later node into ``k_children``, for at most ``n_layers`` layers
+below the root. Each node holds one segment of sampled tokens whose length is drawn uniformly
+from ``[segment_min_tokens, segment_max_tokens]``. A segment that samples EOS ends there (EOS
+included) and its node is a leaf; so is every node of the last layer. The budget
+``t_max_tokens`` caps the planned tokens of a tree: a layer whose planned segments do not fit
+in what is left is not sampled (its parents stay leaves); the first layer always is, its
+segments shortened to share the budget. The plan (every node's segment length, layer by
+layer) is drawn before sampling, as if no segment ended early; the nodes below an EOS are
+then simply not sampled. With ``leaf_completion_tokens`` > 0, every node of the deepest
+planned layer samples on until EOS or until its response (root to node) has that many tokens,
+so leaves are whole responses, scored as a user would see them.
+
+Sampling is MAVIS with the given heads at weight 1 (no heads: plain top-k sampling from
+pi_ref), and each token records ``log pi(a|s) - log pi_ref_T(a|s)`` and the base's hidden
+state h(s) the step read, so the shared-backbone fit needs no second forward.
+
+Batching: the trees of ``rollout_prompts_per_batch`` prompts are sampled together on one KV
+cache, one row per node being sampled, and the rows never wait for each other: when a node's
+segment ends, its row is handed over to its children at the next step (`KVBatch.select`
+copies the row's cache into theirs) and they read its last token, so every row of every
+forward samples a real token. The KV cache is never recomputed.
+
+Determinism and sharding: every tree draws its plan from a generator seeded with
+``(seed, prompt index)`` and every node samples with its own generator seeded with
+``(seed, prompt index, node index)``, where the prompt index is global. Batches are aligned
+to multiples of ``rollout_prompts_per_batch``, so a shard starting at such a multiple runs
+exactly the batches an unsharded run does, and `merge_rollouts` of the shards equals it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from mavis_lc.base_model import BaseModel
+from mavis_lc.errors import ConfigurationError, ModelLoadError, TrainingCancelled
+from mavis_lc.separate_backbone import KVBatch, SeparateBackboneValueModel
+from mavis_lc.training.config import TrainingConfig
+from mavis_lc.training.files import write_atomic
+from mavis_lc.value_model import ValueModel
+
+_META_KEY = "mavis_rollouts"
+
+
+@dataclass
+class TreeRollouts:
+    """The trees of a contiguous range of prompts, flattened into arrays.
+
+    Nodes of one tree are contiguous, root first, parents before children; a node's tokens
+    are contiguous in ``tokens``. Roots hold no tokens. N nodes, T tokens, d hidden size.
+    """
+
+    first_prompt: int
+    """Global index of ``prompts[0]`` in the run's prompt list."""
+    prompts: list[str]
+    """Formatted prompt texts (what the base model read)."""
+    node_prompt: torch.Tensor  # (N,) long: index into ``prompts``
+    node_parent: torch.Tensor  # (N,) long: parent node, -1 for roots
+    node_start: torch.Tensor  # (N,) long: index of the node's first token
+    node_length: torch.Tensor  # (N,) long: tokens in the node's segment
+    node_eos: torch.Tensor  # (N,) bool: the segment ended with EOS
+    tokens: torch.Tensor  # (T,) long: sampled token ids
+    log_ratio: torch.Tensor  # (T,) float32: log pi(a_t|s_t) - log pi_ref_T(a_t|s_t)
+    hidden: torch.Tensor  # (T, d) float32: base final hidden state h(s_t) before each token
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.node_parent.shape[0])
+
+    def token_node(self) -> torch.Tensor:
+        """(T,) the node each token belongs to."""
+        return torch.repeat_interleave(torch.arange(self.n_nodes), self.node_length)
+
+    def leaves(self) -> torch.Tensor:
+        """Indices of the nodes without children (roots excluded), ascending."""
+        has_child = torch.zeros(self.n_nodes, dtype=torch.bool)
+        has_child[self.node_parent[self.node_parent >= 0]] = True
+        return torch.nonzero(~has_child & (self.node_parent >= 0)).squeeze(1)
+
+    def response_tokens(self, node: int) -> list[int]:
+        """The sampled tokens from the root down to the end of ``node``'s segment."""
+        path: list[int] = []
+        while node >= 0:
+            path.append(node)
+            node = int(self.node_parent[node])
+        out: list[int] = []
+        for n in reversed(path):
+            start = int(self.node_start[n])
+            out.extend(self.tokens[start : start + int(self.node_length[n])].tolist())
+        return out
+
+    def to_bytes(self) -> bytes:
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        meta = json.dumps({"first_prompt": self.first_prompt, "prompts": self.prompts})
+        return bytes(save_safetensors_bytes(tensors, metadata={_META_KEY: meta}))
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (prompts in its metadata), atomically."""
+        return write_atomic(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> TreeRollouts:
+        data = Path(path).read_bytes()
+        try:
+            tensors = load_safetensors_bytes(data)
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            meta = json.loads(header["__metadata__"][_META_KEY])
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{path} is not a rollout file: {exc}") from exc
+        return cls(first_prompt=int(meta["first_prompt"]), prompts=list(meta["prompts"]), **tensors)
+
+
+_TENSORS = ("node_prompt", "node_parent", "node_start", "node_length", "node_eos", "tokens", "log_ratio", "hidden")
+
+
+def merge_rollouts(parts: Sequence[TreeRollouts]) -> TreeRollouts:
+    """Concatenate shards covering consecutive prompt ranges into one `TreeRollouts`.
+
+    Raises:
+        ConfigurationError: the shards leave a gap or overlap.
+    """
+    ordered = sorted(parts, key=lambda p: p.first_prompt)
+    if not ordered:
+        raise ConfigurationError("no rollout shards to merge")
+    for left, right in itertools.pairwise(ordered):
+        if left.first_prompt + len(left.prompts) != right.first_prompt:
+            raise ConfigurationError(
+                f"rollout shards are not consecutive: prompts from {left.first_prompt} "
+                f"({len(left.prompts)} of them), then from {right.first_prompt}"
+            )
+    node_offset = prompt_offset = token_offset = 0
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in _TENSORS}
+    for part in ordered:
+        shifted = {
+            "node_prompt": part.node_prompt + prompt_offset,
+            "node_parent": torch.where(part.node_parent >= 0, part.node_parent + node_offset, part.node_parent),
+            "node_start": part.node_start + token_offset,
+        }
+        for name in _TENSORS:
+            pieces[name].append(shifted.get(name, getattr(part, name)))
+        node_offset += part.n_nodes
+        prompt_offset += len(part.prompts)
+        token_offset += int(part.tokens.shape[0])
+    return TreeRollouts(
+        first_prompt=ordered[0].first_prompt,
+        prompts=[p for part in ordered for p in part.prompts],
+        **{name: torch.cat(values) for name, values in pieces.items()},
+    )
+
+
+@torch.no_grad()
+def sample_trees(
+    base: BaseModel,
+    prompts: Sequence[str],
+    config: TrainingConfig,
+    *,
+    heads: Sequence[ValueModel] = (),
+    first_prompt: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> TreeRollouts:
+    """Sample one tree per prompt (see the module docstring for the tree and its batching).
+
+    Args:
+        prompts: formatted prompt texts (chat template already applied).
+        config: tree shape (``k_root``, ``k_children``, ``n_layers``, segment range,
+            ``t_max_tokens``), sampling (``top_k``, ``temperature``, ``beta``), ``seed`` and
+            ``rollout_prompts_per_batch``.
+        heads: value models to sample MAVIS(pi_ref, heads) with, each at weight 1; none: pi_ref.
+        first_prompt: global index of ``prompts[0]``; a multiple of ``rollout_prompts_per_batch``.
+        progress: called with (prompts done, prompts) after every batch.
+        should_cancel: polled before every decoding step.
+
+    Raises:
+        ConfigurationError: ``first_prompt`` is not aligned, or a prompt leaves no room for the tree.
+        TrainingCancelled: ``should_cancel()`` returned True.
+    """
+    size = config.rollout_prompts_per_batch
+    if first_prompt % size:
+        raise ConfigurationError(
+            f"a rollout shard must start at a multiple of rollout_prompts_per_batch={size}, got {first_prompt}"
+        )
+    if not prompts:
+        return _flatten([], [], first_prompt, [], [], set(), base.hidden_size)
+    parts: list[TreeRollouts] = []
+    for start in range(0, len(prompts), size):
+        batch = list(prompts[start : start + size])
+        parts.append(_sample_batch(base, batch, first_prompt + start, config, heads, should_cancel))
+        if progress is not None:
+            progress(start + len(batch), len(prompts))
+    return merge_rollouts(parts)
+
+
+@dataclass
+class _Plan:
+    """The planned shape of one tree, drawn before any token is sampled (index 0: the root)."""
+
+    parent: list[int]
+    length: list[int]  # planned segment length of every node (0 for the root)
+    children: list[list[int]]
+
+
+def _plan_tree(rng: random.Random, config: TrainingConfig) -> _Plan:
+    """Plan the full tree layer by layer (breadth first), as if no segment ended with EOS."""
+    plan = _Plan(parent=[-1], length=[0], children=[[]])
+    budget = config.t_max_tokens
+    previous = [0]
+    for layer in range(1, config.n_layers + 1):
+        fan_out = config.k_root if layer == 1 else config.k_children
+        count = len(previous) * fan_out
+        if layer > 1 and count * config.segment_min_tokens > budget:
+            break
+        lengths = [rng.randint(config.segment_min_tokens, config.segment_max_tokens) for _ in range(count)]
+        if sum(lengths) > budget:
+            if layer > 1:
+                break
+            lengths = [max(1, min(n, budget // count)) for n in lengths]
+        budget -= sum(lengths)
+        current = []
+        for i, length in enumerate(lengths):
+            node = len(plan.parent)
+            parent = previous[i // fan_out]
+            plan.parent.append(parent)
+            plan.length.append(length)
+            plan.children.append([])
+            plan.children[parent].append(node)
+            current.append(node)
+        previous = current
+    if config.leaf_completion_tokens:
+        for node in previous:
+            depth = sum(plan.length[n] for n in _ancestors(plan, plan.parent[node]))
+            plan.length[node] = max(plan.length[node], config.leaf_completion_tokens - depth)
+    return plan
+
+
+def _ancestors(plan: _Plan, node: int) -> list[int]:
+    """``node`` and every node above it, up to the root."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = plan.parent[node]
+    return path
+
+
+def _sample_batch(
+    base: BaseModel,
+    prompts: list[str],
+    first_prompt: int,
+    config: TrainingConfig,
+    heads: Sequence[ValueModel],
+    should_cancel: Callable[[], bool] | None,
+) -> TreeRollouts:
+    device = base.device
+    enc = base.tokenizer(prompts, padding=True, return_tensors="pt")
+    input_ids = enc["input_ids"].to(device)  # (G, P)
+    attention_mask = enc["attention_mask"].to(device)  # (G, P)
+    longest_tree = max(config.segment_max_tokens * config.n_layers, config.leaf_completion_tokens)
+    if input_ids.shape[1] + min(longest_tree, config.t_max_tokens) > base.max_context:
+        raise ConfigurationError(
+            f"prompts of up to {input_ids.shape[1]} tokens leave no room for trees in a context of {base.max_context}"
+        )
+    state = KVBatch(base.model.base_model, base.model.get_input_embeddings())
+    state.prefill(input_ids, attention_mask)
+    for head in heads:
+        head.begin(input_ids, attention_mask)
+    lm_head = base.model.get_output_embeddings()
+    eos = torch.tensor(base.eos_token_ids, device=device, dtype=torch.long)
+    plans = [_plan_tree(random.Random(f"tree:{config.seed}:{first_prompt + t}"), config) for t in range(len(prompts))]
+    offsets = list(itertools.accumulate((len(plan.parent) for plan in plans), initial=0))  # global node ids
+
+    def new_row(t: int, node: int) -> tuple[int, int, torch.Generator]:
+        seed = _node_seed(config.seed, first_prompt + t, node)
+        return t, node, torch.Generator(device=device).manual_seed(seed)
+
+    rows: list[tuple[int, int, torch.Generator]] = []  # (tree, node, its generator) held by each batch row
+    source: list[int] = []  # the prompt row each first-layer node starts from
+    for t, plan in enumerate(plans):
+        for child in plan.children[0]:
+            rows.append(new_row(t, child))
+            source.append(t)
+    _select(state, heads, torch.tensor(source, device=device))
+    count = torch.zeros(len(rows), dtype=torch.long, device=device)  # (R,) tokens each row's node has sampled
+    ended_with_eos: set[int] = set()
+    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    while rows:
+        if should_cancel is not None and should_cancel():
+            raise TrainingCancelled("rollouts cancelled")
+        node_id = torch.tensor([offsets[t] + n for t, n, _ in rows], device=device)  # (R,)
+        planned = torch.tensor([plans[t].length[n] for t, n, _ in rows], device=device)  # (R,)
+        hidden = state.hidden  # (R, d) h(s) of every row
+        tokens, log_ratio = _sample_step(
+            lm_head(hidden),
+            hidden,
+            heads,
+            beta=config.beta,
+            top_k=config.top_k,
+            temperature=config.temperature,
+            generators=[g for _, _, g in rows],
+        )  # (R,), (R,)
+        records.append((node_id, tokens, log_ratio, hidden))
+        count += 1
+        hit_eos = torch.isin(tokens, eos)  # (R,)
+        done = hit_eos | (count >= planned)  # (R,)
+        if bool(done.any()):
+            # A finished node hands its row over to its children (none after EOS, none for a leaf).
+            next_rows: list[tuple[int, int, torch.Generator]] = []
+            source = []
+            for r, (is_done, is_eos, row) in enumerate(zip(done.tolist(), hit_eos.tolist(), rows, strict=True)):
+                t, node, _ = row
+                if not is_done:
+                    next_rows.append(row)
+                    source.append(r)
+                elif is_eos:
+                    ended_with_eos.add(offsets[t] + node)
+                else:
+                    for child in plans[t].children[node]:
+                        next_rows.append(new_row(t, child))
+                        source.append(r)
+            if not next_rows:
+                break  # nothing samples after these tokens: they need no forward
+            index = torch.tensor(source, device=device)  # (R',)
+            count = torch.where(done, 0, count)[index]  # (R',) children start at 0
+            tokens = tokens[index]  # (R',) every row reads its source row's last token
+            rows = next_rows
+            _select(state, heads, index)
+        state.feed(tokens)
+        for head in heads:
+            head.advance(tokens)
+    return _flatten(plans, prompts, first_prompt, offsets, records, ended_with_eos, base.hidden_size)
+
+
+def _select(state: KVBatch, heads: Sequence[ValueModel], index: torch.Tensor) -> None:
+    """Keep (and repeat) rows ``index`` (R,) of the base's KV batch and of every head with its own cache."""
+    state.select(index)
+    for head in heads:
+        if isinstance(head, SeparateBackboneValueModel):
+            head.select_rows(index)
+
+
+def _sample_step(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    heads: Sequence[ValueModel],
+    *,
+    beta: float,
+    top_k: int,
+    temperature: float,
+    generators: Sequence[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rollout step: `mavis_step`'s pi with every head at weight 1, sampled from each row's generator.
+
+    The distribution is exactly `mavis_step`'s; the randomness differs: the exponential race
+    runs over the k candidates only (k draws per row instead of one per vocabulary entry),
+    which is what makes per-node generators cheap at tree batch sizes.
+
+    Args:
+        logits: base next-token logits, (R, V); hidden: base hidden states, (R, d).
+        generators: one per row.
+
+    Returns:
+        The sampled tokens (R,) and their ``log pi(a|s) - log pi_ref_T(a|s)`` (R,).
+    """
+    ref_logits = logits.float() / temperature  # (R, V) pi_ref at temperature T
+    log_normaliser = torch.logsumexp(ref_logits, dim=-1, keepdim=True)  # (R, 1)
+    topk_logits, candidates = ref_logits.topk(top_k, dim=-1)  # (R, k), (R, k)
+    tilt = torch.zeros_like(topk_logits)  # (R, k)
+    for head in heads:
+        tilt += beta * head.q_values(hidden, candidates).float()
+    log_probs = torch.log_softmax(topk_logits + tilt, dim=-1)  # (R, k) log pi over the candidates
+    noise = torch.stack([torch.empty(top_k, device=logits.device).exponential_(generator=g) for g in generators])
+    choice = (log_probs.exp() / noise).argmax(dim=-1, keepdim=True)  # (R, 1) the exponential race
+    tokens = candidates.gather(1, choice).squeeze(1)  # (R,)
+    ref_log_prob = (topk_logits.gather(1, choice) - log_normaliser).squeeze(1)  # (R,)
+    return tokens, log_probs.gather(1, choice).squeeze(1) - ref_log_prob
+
+
+def _flatten(
+    plans: list[_Plan],
+    prompts: list[str],
+    first_prompt: int,
+    offsets: list[int],
+    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    ended_with_eos: set[int],
+    hidden_size: int,
+) -> TreeRollouts:
+    """Gather the per-step records (node id, token, log-ratio, hidden state of every row) into trees.
+
+    Nodes keep their planned (breadth-first) order, so parents come before children; a node
+    is stored when it sampled at least one token (roots always).
+    """
+    if records:
+        node_id = torch.cat([r[0] for r in records]).cpu()  # (T,) global node id of every token
+        order = torch.sort(node_id, stable=True).indices  # by node, in sampling order within a node
+        node_id = node_id[order]
+        tokens = torch.cat([r[1] for r in records]).cpu()[order]
+        log_ratio = torch.cat([r[2] for r in records]).float().cpu()[order]
+        hidden = torch.cat([r[3] for r in records]).float().cpu()[order]
+    else:
+        node_id = tokens = torch.zeros(0, dtype=torch.long)
+        log_ratio = torch.zeros(0)
+        hidden = torch.zeros(0, hidden_size)
+    length = torch.bincount(node_id, minlength=offsets[-1] if offsets else 0).tolist()
+    stored: dict[int, int] = {}  # global node id -> index among the stored nodes
+    node_prompt: list[int] = []
+    node_parent: list[int] = []
+    node_length: list[int] = []
+    for t, plan in enumerate(plans):
+        for node, parent in enumerate(plan.parent):
+            g = offsets[t] + node
+            if parent >= 0 and length[g] == 0:
+                continue  # never sampled: below an EOS
+            stored[g] = len(node_prompt)
+            node_prompt.append(t)
+            node_parent.append(stored[offsets[t] + parent] if parent >= 0 else -1)
+            node_length.append(length[g])
+    lengths = torch.tensor(node_length, dtype=torch.long)
+    return TreeRollouts(
+        first_prompt=first_prompt,
+        prompts=prompts,
+        node_prompt=torch.tensor(node_prompt, dtype=torch.long),
+        node_parent=torch.tensor(node_parent, dtype=torch.long),
+        node_start=torch.cumsum(lengths, 0) - lengths,
+        node_length=lengths,
+        node_eos=torch.tensor([g in ended_with_eos for g in stored], dtype=torch.bool),
+        tokens=tokens,
+        log_ratio=log_ratio,
+        hidden=hidden,
+    )
+
+
+def _node_seed(seed: int, prompt_index: int, node_index: int) -> int:
+    digest = hashlib.sha256(f"node:{seed}:{prompt_index}:{node_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -1,0 +1,96 @@
+"""Fitting value models: every trainable parameter moves, the loss drops, validation is by prompt."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mavis_lc.base_model import BaseModel, load_base_model
+from mavis_lc.errors import TrainingCancelled
+from mavis_lc.training import (
+    TrainingConfig,
+    compute_targets,
+    fit_shared_head,
+    format_prompts,
+    regression_metrics,
+    sample_trees,
+    split_prompts,
+)
+from mavis_lc.training.rollouts import TreeRollouts
+from mavis_lc.value_model import new_shared_head
+
+CONFIG = TrainingConfig(
+    k_root=2, k_children=2, n_layers=2, segment_min_tokens=2, segment_max_tokens=4, top_k=10,
+    rollout_prompts_per_batch=4, epochs=8, fit_batch_size=16, learning_rate=1e-2, val_fraction=0.25, patience=8,
+)  # fmt: skip
+TEXTS = ["I love cats", "awful rain", "Tell me", "Numbers 1 2", "Hi there", "sunny days", "bad news", "fox"]
+
+
+@pytest.fixture
+def base(tiny_model_dir: Path) -> BaseModel:
+    return load_base_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def tree_data(base: BaseModel) -> tuple[TreeRollouts, torch.Tensor]:
+    """Rollouts and targets whose reward depends on the tokens, so there is something to learn."""
+    rollouts = sample_trees(base, format_prompts(base.tokenizer, TEXTS), CONFIG)
+    leaves = rollouts.leaves()
+    reward = torch.full((rollouts.n_nodes,), float("nan"), dtype=torch.float64)
+    for leaf in leaves.tolist():
+        reward[leaf] = sum(t % 7 for t in rollouts.response_tokens(leaf)) / 10
+    targets = compute_targets(rollouts, reward, reward_mean=float(reward[leaves].mean()), reward_std=1.0, zeta=0.0)
+    return rollouts, targets.token_target
+
+
+def test_fit_changes_every_trainable_parameter_and_lowers_the_loss(base: BaseModel) -> None:
+    rollouts, target = tree_data(base)
+    head = new_shared_head(base, "obj")
+    before = {name: p.detach().clone() for name, p in head.named_parameters() if p.requires_grad}
+    result = fit_shared_head(head, rollouts, target, CONFIG)
+    for name, p in head.named_parameters():
+        assert not torch.equal(p, before[name]), f"{name} did not change"
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    assert result.metrics["val_mse"] < float(target.double().var()) * 2
+    assert {"val_mse", "r2", "spearman", "n_train", "n_val", "best_epoch"} <= set(result.metrics)
+    assert result.metrics["n_train"] + result.metrics["n_val"] == rollouts.tokens.numel()
+
+
+def test_fit_keeps_the_best_epoch_and_stops_early(base: BaseModel) -> None:
+    rollouts, target = tree_data(base)
+    head = new_shared_head(base, "obj")
+    # A huge learning rate makes validation worse after the first epochs: training must stop
+    # after `patience` stale epochs and restore the best weights.
+    config = replace(CONFIG, learning_rate=3.0, epochs=30, patience=2)
+    result = fit_shared_head(head, rollouts, target, config)
+    best = int(result.metrics["best_epoch"])
+    assert len(result.history) <= best + 2
+    assert result.metrics["val_mse"] == pytest.approx(result.history[best - 1]["val_mse"], rel=1e-5)
+
+
+def test_fit_polls_cancellation(base: BaseModel) -> None:
+    rollouts, target = tree_data(base)
+    with pytest.raises(TrainingCancelled):
+        fit_shared_head(new_shared_head(base, "obj"), rollouts, target, CONFIG, should_cancel=lambda: True)
+
+
+def test_split_is_by_prompt_and_deterministic() -> None:
+    split = split_prompts(20, 0.25, seed=3)
+    assert sum(split) == 5 and split == split_prompts(20, 0.25, seed=3)
+    assert split != split_prompts(20, 0.25, seed=4)
+    assert sum(split_prompts(3, 0.1, seed=0)) == 1  # at least one held out
+    assert sum(split_prompts(1, 0.5, seed=0)) == 0  # never all of them
+    assert sum(split_prompts(10, 0.0, seed=0)) == 0
+
+
+def test_regression_metrics_on_known_values() -> None:
+    target = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    exact = regression_metrics(target, target)
+    assert exact == {"mse": 0.0, "r2": 1.0, "spearman": pytest.approx(1.0)}
+    shifted = regression_metrics(torch.tensor([2.0, 3.0, 4.0, 5.0]), target)
+    assert shifted["mse"] == 1.0 and shifted["r2"] == pytest.approx(1 - 1 / 1.25)
+    assert shifted["spearman"] == pytest.approx(1.0)
+    assert regression_metrics(-target, target)["spearman"] == pytest.approx(-1.0)
