@@ -1,0 +1,177 @@
+"""Training jobs without a broker: the same task code runs in-process (SQLite, tiny model)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
+from typer.testing import CliRunner
+
+from mavis_lc.cli import app
+from mavis_lc.errors import ConfigurationError, JobError, TrainingError
+from mavis_lc.jobs import cancel, job_status, submit_training, wait
+from mavis_lc.registry import Registry
+from mavis_lc.registry.db import session_factory
+from mavis_lc.registry.models import TrainingJob, utcnow
+from worker.app import WorkerSettings, celery_config
+from worker.tasks import is_transient, job_workdir, run_job, shard_ranges
+
+REWARD = "tests.rewards_for_tests:length_score"
+PROMPTS = ["I love cats", "awful rain", "Tell me a story", "Numbers 1 2", "Hi there", "sunny days"]
+
+
+@pytest.fixture
+def config(tiny_model_dir: Path, tmp_path: Path) -> dict[str, Any]:
+    return dict(
+        base_model=str(tiny_model_dir), prompts=PROMPTS, device="cpu", k_root=2, k_children=2, n_layers=2,
+        segment_min_tokens=2, segment_max_tokens=4, top_k=10, rollout_prompts_per_batch=2, epochs=2,
+        fit_batch_size=32, val_fraction=0.34, n_iterations=2, rollout_cache_dir=str(tmp_path / "rollouts"),
+    )  # fmt: skip
+
+
+def test_a_job_runs_in_process_reports_progress_and_registers_one_version(config: dict[str, Any]) -> None:
+    snapshots: list[dict[str, Any]] = []
+    job_id = submit_training(REWARD, config, on_progress=snapshots.append)
+    job = job_status(job_id)
+    assert job.status == "succeeded" and job.attempt == 1 and job.error is None
+    assert {(s["stage"], s["iteration"]) for s in snapshots} == {
+        (stage, it) for stage in ("rollouts", "rewards", "fit") for it in (0, 1)
+    }
+    assert job.progress["stage"] == "fit" and job.progress["iteration"] == 1 and "heartbeat" in job.progress
+    with Registry() as registry:
+        [version] = registry.list_versions("length_score")
+        assert version.id == job.result_version_id and version.training_job_id == job_id
+        assert version.iteration == 1 and len(version.metrics["iterations"]) == 2
+        assert registry.fetch_artifact(version).is_file()
+        # A second delivery of the finished job does nothing.
+        assert run_job(job_id, registry=registry)["status"] == "duplicate"
+        assert len(registry.list_versions("length_score")) == 1
+    assert not job_workdir(job_id).exists()
+
+
+def test_cancel_mid_job_registers_nothing(config: dict[str, Any]) -> None:
+    seen: list[str] = []
+
+    def cancel_during_fit(snapshot: dict[str, Any]) -> None:
+        if snapshot["stage"] == "fit" and not seen:
+            seen.append(cancel(snapshot["job_id"]).status)
+
+    job_id = submit_training(REWARD, config, on_progress=cancel_during_fit)
+    job = job_status(job_id)
+    assert seen == ["running"] and job.status == "cancelled" and job.result_version_id is None
+    with Registry() as registry:
+        assert registry.list_objectives() == []
+
+
+def test_a_training_error_fails_the_job_with_the_message(config: dict[str, Any]) -> None:
+    job_id = submit_training("tests.rewards_for_tests:nan_score", config)
+    job = wait(job_id, timeout_s=0)
+    assert job.status == "failed" and "RewardError" in (job.error or "") and "nan_score" in (job.error or "")
+
+
+def test_bad_options_are_refused_before_a_job_exists(config: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="unknown training option"):
+        submit_training(REWARD, {**config, "epochz": 3})
+    with pytest.raises(ConfigurationError, match="epochs"):
+        submit_training(REWARD, {**config, "epochs": 0})
+    with pytest.raises(JobError, match="no broker"):
+        submit_training(REWARD, config, in_process=False)
+    with Registry() as registry:
+        assert registry.list_jobs() == []
+
+
+def test_sharded_rollouts_give_the_one_worker_result(config: dict[str, Any], tmp_path: Path) -> None:
+    one = job_status(submit_training(REWARD, {**config, "rollout_cache_dir": str(tmp_path / "a")}))
+    three = job_status(submit_training(REWARD, {**config, "rollout_cache_dir": str(tmp_path / "b")}, shards=3))
+    with Registry() as registry:
+        versions = {v.id: v for v in registry.list_versions("length_score")}
+    assert versions[one.result_version_id].sha256 == versions[three.result_version_id].sha256  # type: ignore[index]
+    assert shard_ranges(6, 2, 3) == [(0, 2), (2, 4), (4, 6)]
+    assert shard_ranges(7, 2, 3) == [(0, 2), (2, 4), (4, 7)]
+    assert shard_ranges(3, 2, 5) == [(0, 2), (2, 3)]
+
+
+def test_a_delivery_waits_for_a_running_job_and_takes_it_over_once_its_heartbeat_stops(
+    config: dict[str, Any],
+) -> None:
+    fast = WorkerSettings(heartbeat_s=0.1, stale_after_s=0.5)
+    with Registry() as registry:
+        # The other worker is alive and finishes the job while this delivery waits: nothing to do.
+        job_id = registry.create_job("length_score", {**config, "objective": REWARD})
+        assert registry.claim_job(job_id, "live-worker")
+        threading.Timer(0.2, registry.finish_job, args=(job_id, "failed", "by the live worker")).start()
+        assert run_job(job_id, registry=registry, settings=fast)["status"] == "duplicate"
+        assert registry.get_job(job_id).error == "by the live worker"
+        # The other worker died (its heartbeat is an hour old): this delivery takes the job over.
+        job_id = registry.create_job("length_score", {**config, "objective": REWARD})
+        assert registry.claim_job(job_id, "dead-worker")
+        with session_factory(registry.engine).begin() as session:
+            session.execute(
+                update(TrainingJob).where(TrainingJob.id == job_id).values(heartbeat_at=utcnow() - timedelta(hours=1))
+            )
+        outcome = run_job(job_id, registry=registry, settings=fast)
+        job = registry.get_job(job_id)
+    assert outcome["status"] == "succeeded" and job.attempt == 2 and job.worker != "dead-worker"
+
+
+def test_transient_errors_are_retried_and_training_errors_are_not(
+    config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost = OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    assert is_transient(lost) and is_transient(TrainingError("wrapped")) is False
+    wrapped = TrainingError("training failed")
+    wrapped.__cause__ = lost
+    assert is_transient(wrapped)
+
+    def db_down(*args: Any, **kwargs: Any) -> None:
+        raise lost
+
+    with Registry() as registry:
+        job_id = registry.create_job("length_score", {**config, "objective": REWARD})
+        monkeypatch.setattr(Registry, "register_version", db_down)
+        with pytest.raises(OperationalError):
+            run_job(job_id, registry=registry)
+        assert registry.get_job(job_id).status == "queued"  # released for the retry
+        monkeypatch.undo()
+        assert run_job(job_id, registry=registry)["status"] == "succeeded"  # resumes from checkpoints
+
+
+def test_celery_settings_follow_the_production_rules() -> None:
+    settings = WorkerSettings()
+    settings.check()
+    conf = celery_config(settings, "redis://localhost:6379/0", None)
+    assert conf["task_acks_late"] and conf["task_track_started"]
+    assert conf["worker_prefetch_multiplier"] == 1 and conf["worker_max_tasks_per_child"] == 1
+    assert (
+        conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"] > conf["task_soft_time_limit"]
+    )
+    assert conf["accept_content"] == ["json"] and conf["task_default_queue"] == "training"
+    with pytest.raises(ConfigurationError, match="VISIBILITY"):
+        WorkerSettings(visibility_timeout_s=60, time_limit_s=120, soft_time_limit_s=100).check()
+
+
+def test_cli_train_in_process_then_jobs_list_show_cancel(config: dict[str, Any], tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    flags = ["--prompts", str(prompts), "--objective-options", '{"name": "wordy"}']
+    for key in ("base_model", "device", "k_root", "k_children", "n_layers", "segment_max_tokens", "top_k", "epochs"):
+        flags += [f"--{key.replace('_', '-')}", str(config[key])]
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", REWARD, *flags, "--n-iterations", "1"])
+    assert result.exit_code == 0, result.output
+    assert "succeeded: registered wordy@1" in result.output
+    assert runner.invoke(app, ["jobs", "list"]).exit_code == 0
+    [listed] = [json.loads(line) for line in runner.invoke(app, ["jobs", "list", "--json"]).output.splitlines()]
+    assert (listed["objective"], listed["status"]) == ("wordy", "succeeded")
+    [job] = Registry().list_jobs()
+    shown = json.loads(runner.invoke(app, ["jobs", "show", job.id]).output)
+    assert shown["status"] == "succeeded" and shown["config"]["n_iterations"] == 1
+    assert runner.invoke(app, ["jobs", "cancel", job.id]).output.strip().endswith("succeeded")
+    assert runner.invoke(app, ["jobs", "show", "no-such-job"]).exit_code == 1
+    assert runner.invoke(app, ["worker"]).exit_code == 1  # no broker configured
