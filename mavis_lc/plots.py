@@ -1,0 +1,50 @@
+"""Pareto plots of mean rewards per weight setting (PNG, via matplotlib's Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One weight setting's mean rewards on two objectives, with 95% confidence half-widths."""
+
+    label: str
+    x: float
+    y: float
+    x_err: float = 0.0
+    y_err: float = 0.0
+
+
+def pareto_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
+    """The points no other point beats on both axes (higher is better), sorted by x."""
+    front = [p for p in points if not any(q.x >= p.x and q.y >= p.y and (q.x, q.y) != (p.x, p.y) for q in points)]
+    return sorted(front, key=lambda p: p.x)
+
+
+def save_pareto_plot(points: Sequence[FrontPoint], path: str | Path, *, x_label: str, y_label: str, title: str) -> Path:
+    """Write a scatter of ``points`` with error bars and the Pareto front drawn through them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for p in points:
+        ax.errorbar(p.x, p.y, xerr=p.x_err, yerr=p.y_err, fmt="o", capsize=3, color="tab:blue")
+        ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    front = pareto_front(points)
+    ax.plot([p.x for p in front], [p.y for p in front], "--", color="tab:orange", label="Pareto front")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+    return target

@@ -1,0 +1,280 @@
+"""``mavis quickstart``: train two objectives that pull apart, register them, and steer between them.
+
+On the embedded defaults (SQLite registry and artifacts under ``MAVIS_HOME``, no broker, the
+packaged SmolLM2) it trains value heads for positivity and conciseness (iterations 0 and 1;
+``--fast``: iteration 0 only, on fewer prompts) on prompts shipped with the package, registers
+every iteration with lineage, points the ``quickstart`` alias (``quickstart-fast`` for
+``--fast``) at the last one, creates presets, then runs a LangChain chain over held-out prompts
+at several weight settings and reports the rewards, the KL from the base model, and a Pareto
+plot. A rerun reuses registered heads whose training settings match, unless asked to retrain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from langchain_core.prompts import ChatPromptTemplate
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mavis_lc.langchain import ChatMavis
+from mavis_lc.objectives import get_objective
+from mavis_lc.plots import FrontPoint, save_pareto_plot
+from mavis_lc.registry import Registry, VersionInfo
+from mavis_lc.training import TrainingConfig, TrainingResult, train_objective
+
+OBJECTIVES = ("positivity", "conciseness")
+SETTINGS: tuple[dict[str, float], ...] = (
+    {"positivity": 0.0, "conciseness": 0.0},
+    {"positivity": 1.0, "conciseness": 0.0},
+    {"positivity": 0.75, "conciseness": 0.25},
+    {"positivity": 0.5, "conciseness": 0.5},
+    {"positivity": 0.0, "conciseness": 1.0},
+)
+SHOWN_PROMPTS = 3
+PRESETS = {
+    "positive": {"positivity": 1.0, "conciseness": 0.0},
+    "balanced": {"positivity": 0.5, "conciseness": 0.5},
+    "concise": {"positivity": 0.0, "conciseness": 1.0},
+}
+
+
+@dataclass(frozen=True)
+class QuickstartPlan:
+    """Sizes of one quickstart run."""
+
+    alias: str
+    """Registry alias the trained heads get."""
+    training: TrainingConfig
+    """Training settings shared by both objectives (the objective field is replaced per objective)."""
+    train_prompts: int
+    """Shipped training prompts used."""
+    eval_prompts: int
+    """Shipped held-out prompts used."""
+    beta: float
+    """Guidance strength of the evaluation."""
+    max_tokens: int
+    """Longest response of the evaluation (training rollouts complete their leaves to this length too)."""
+    eval_seeds: int
+    """Samples per held-out prompt and weight setting (seeds 0, 1, ...)."""
+
+
+def shipped_prompts(split: str) -> list[str]:
+    """The quickstart prompts written for this package (``train`` or ``held_out``)."""
+    text = resources.files("mavis_lc").joinpath("data/quickstart_prompts.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [row["prompt"] for row in rows if row["split"] == split]
+
+
+def make_plan(fast: bool) -> QuickstartPlan:
+    """The sizes of a run: ``fast`` (iteration 0 only, a first look in under 3 minutes on 2 CPU
+    cores) or the full run (iterations 0 and 1, under 15 minutes)."""
+    n_train, max_tokens = (64, 40) if fast else (80, 48)
+    training = TrainingConfig(
+        prompts=shipped_prompts("train")[:n_train],
+        n_iterations=1 if fast else 2,
+        k_root=4,
+        k_children=2,
+        n_layers=2,
+        segment_min_tokens=4,
+        segment_max_tokens=10,
+        leaf_completion_tokens=max_tokens,
+        rollout_prompts_per_batch=20,
+        epochs=8 if fast else 15,
+    )
+    alias = "quickstart-fast" if fast else "quickstart"
+    return QuickstartPlan(
+        alias, training, n_train, eval_prompts=8, beta=2.0, max_tokens=max_tokens, eval_seeds=2 if fast else 3
+    )
+
+
+def run_quickstart(
+    *,
+    fast: bool = False,
+    retrain: bool = False,
+    output_dir: str | Path = "quickstart-output",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train or reuse the heads, evaluate the weight settings, print the tables; returns the summary."""
+    out = console or Console()
+    plan = make_plan(fast)
+    registry = Registry()
+    out.rule(f"mavis quickstart{' --fast' if fast else ''}")
+    versions = {name: _train_or_reuse(registry, plan, name, retrain, out) for name in OBJECTIVES}
+    for name, weights in PRESETS.items():
+        specs = [f"{objective}@{versions[objective].version}" for objective in OBJECTIVES]
+        registry.create_preset(f"{plan.alias}-{name}", weights, pinned_specs=specs, replace=True)
+    out.print(f"presets: {', '.join(f'{plan.alias}-{n}' for n in PRESETS)}")
+    return _evaluate(plan, versions, Path(output_dir), out)
+
+
+def _train_or_reuse(
+    registry: Registry, plan: QuickstartPlan, objective: str, retrain: bool, out: Console
+) -> VersionInfo:
+    config = replace(plan.training, objective=objective)
+    key = config.fingerprint()
+    if not retrain and _has_alias(registry, objective, plan.alias):
+        current = registry.resolve(f"{objective}@{plan.alias}")
+        if current.training_params.get("config_fingerprint") == key:
+            out.print(
+                f"{objective}: reusing version {current.version} ({objective}@{plan.alias}); --retrain to train again"
+            )
+            return current
+    result = _train(config, out)
+    parent: VersionInfo | None = None
+    for it in result.iterations:
+        parent = registry.register_version(
+            objective,
+            it.read_bytes(),
+            base_model_id=result.base_model_id,
+            tokenizer_fingerprint=result.tokenizer_fingerprint,
+            architecture={"architecture": result.architecture},
+            iteration=it.iteration,
+            training_params={**config.to_dict(), "config_fingerprint": key},
+            metrics=it.metrics,
+            normalization={"mean": it.reward_mean, "std": it.reward_std},
+            parents=[parent.id] if parent is not None else [],
+        )
+        out.print(
+            f"{objective}: registered version {parent.version} (iteration {it.iteration}, "
+            f"val R² {it.metrics.get('r2', float('nan')):.3f})"
+        )
+    assert parent is not None
+    registry.set_alias(objective, plan.alias, parent.version)
+    return parent
+
+
+def _has_alias(registry: Registry, objective: str, alias: str) -> bool:
+    known = {o.name for o in registry.list_objectives()}
+    return objective in known and alias in registry.list_aliases(objective)
+
+
+def _train(config: TrainingConfig, out: Console) -> TrainingResult:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=out) as bar:
+        tasks: dict[tuple[str, int], Any] = {}
+
+        def progress(stage: str, iteration: int, step: int, total: int, metrics: dict[str, float]) -> None:
+            key = (stage, iteration)
+            if key not in tasks:
+                tasks[key] = bar.add_task(f"{config.objective} iteration {iteration}: {stage}", total=max(total, 1))
+            bar.update(tasks[key], completed=step, total=max(total, 1))
+
+        return train_objective(config, progress=progress)
+
+
+def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir: Path, out: Console) -> dict[str, Any]:
+    prompts = shipped_prompts("held_out")[: plan.eval_prompts]
+    chat = ChatMavis(
+        heads=[f"{o}@{versions[o].version}" for o in OBJECTIVES], beta=plan.beta, max_tokens=plan.max_tokens, top_k=20
+    )
+    chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | chat
+    seeds = range(plan.eval_seeds)
+    inputs = [{"question": p} for _ in SETTINGS for p in prompts for _ in seeds]
+    rows = [settings for settings in SETTINGS for _ in prompts for _ in seeds]
+    row_seeds = [seed for _ in SETTINGS for _ in prompts for seed in seeds]
+    per_setting_n = len(prompts) * plan.eval_seeds
+    out.print(
+        f"decoding {len(inputs)} responses ({len(prompts)} held-out prompts x {plan.eval_seeds} seeds x "
+        f"{len(SETTINGS)} weight settings) in one batch through a LangChain chain..."
+    )
+    # One batched decode for every (prompt, seed, weights) row; the messages carry each row's KL.
+    configs: list[Any] = [{"configurable": {"weights": w, "seed": s}} for w, s in zip(rows, row_seeds, strict=True)]
+    messages = chain.batch(inputs, configs)
+    responses = [str(m.content) for m in messages]
+    kls = [float(m.response_metadata["kl"]) for m in messages]
+    rewards = {o: get_objective(o).score([r["question"] for r in inputs], responses) for o in OBJECTIVES}
+
+    shown = prompts[:SHOWN_PROMPTS]
+    detail = Table(title=f"Responses to {len(shown)} of the prompts (seed 0)", show_lines=False, expand=True)
+    detail.add_column("prompt", ratio=1, max_width=28, no_wrap=True, overflow="ellipsis")
+    detail.add_column("weights", min_width=17, no_wrap=True)
+    detail.add_column("response", ratio=3, no_wrap=True, overflow="ellipsis")
+    for column in (*OBJECTIVES, "KL"):
+        detail.add_column(column[:4], justify="right", no_wrap=True)
+    for i, (inp, w) in enumerate(zip(inputs, rows, strict=True)):
+        if row_seeds[i] != 0 or inp["question"] not in shown:
+            continue  # a few samples in the table; the means below use them all
+        detail.add_row(
+            inp["question"],
+            _weights_label(w),
+            " ".join(responses[i].split()),
+            *(f"{rewards[o][i]:+.3f}" for o in OBJECTIVES),
+            f"{kls[i]:.2f}",
+        )
+    out.print(detail)
+
+    summary = Table(title=f"Mean over {len(prompts)} held-out prompts x {plan.eval_seeds} seeds (95% CI)")
+    for column in ("weights", *(f"{o} reward" for o in OBJECTIVES), "KL (nats)"):
+        summary.add_column(column)
+    per_setting: list[dict[str, Any]] = []
+    for s, settings in enumerate(SETTINGS):
+        idx = range(s * per_setting_n, (s + 1) * per_setting_n)
+        stats = {o: _mean_ci([rewards[o][i] for i in idx]) for o in OBJECTIVES}
+        kl = _mean_ci([kls[i] for i in idx])
+        per_setting.append({"weights": settings, **{o: stats[o] for o in OBJECTIVES}, "kl": kl})
+        summary.add_row(
+            _weights_label(settings), *(f"{m:+.3f} ± {h:.3f}" for m, h in stats.values()), f"{kl[0]:.2f} ± {kl[1]:.2f}"
+        )
+    out.print(summary)
+    out.print(
+        "KL is measured against the base model's full distribution, so the all-zero row (plain top-k "
+        "sampling) shows the cost of the top-k cut alone."
+    )
+
+    checks = {}
+    for o in OBJECTIVES:
+        at_one = [p[o][0] for p in per_setting if p["weights"][o] == 1.0]
+        at_zero = [p[o][0] for p in per_setting if p["weights"][o] == 0.0 and sum(p["weights"].values()) == 0.0]
+        checks[o] = {"weight_1": at_one[0], "weight_0": at_zero[0], "higher": at_one[0] > at_zero[0]}
+        verdict = "[green]higher[/green]" if at_one[0] > at_zero[0] else "[red]not higher[/red]"
+        out.print(f"{o}: mean reward at weight 1 = {at_one[0]:+.3f} vs weight 0 (base) = {at_zero[0]:+.3f}: {verdict}")
+
+    points = [
+        FrontPoint(
+            _weights_label(p["weights"]),
+            p[OBJECTIVES[0]][0],
+            p[OBJECTIVES[1]][0],
+            p[OBJECTIVES[0]][1],
+            p[OBJECTIVES[1]][1],
+        )
+        for p in per_setting
+    ]
+    plot = save_pareto_plot(
+        points,
+        output_dir / f"{plan.alias}-pareto.png",
+        x_label=f"{OBJECTIVES[0]} reward (mean)",
+        y_label=f"{OBJECTIVES[1]} reward (mean)",
+        title=f"MAVIS on SmolLM2, beta={plan.beta}",
+    )
+    summary_path = output_dir / f"{plan.alias}-summary.json"
+    result = {
+        "settings": per_setting,
+        "checks": checks,
+        "plot": str(plot),
+        "versions": {o: versions[o].version for o in OBJECTIVES},
+    }
+    summary_path.write_text(json.dumps(result, indent=2))
+    out.print(f"Pareto plot: {plot.resolve()}")
+    out.print(f"summary: {summary_path.resolve()}")
+    return result
+
+
+def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of a normal 95% confidence interval."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _weights_label(weights: dict[str, float]) -> str:
+    return " ".join(f"{name[:3]}={value:g}" for name, value in weights.items())
