@@ -1,0 +1,166 @@
+"""Decoding throughput and memory: plain transformers `generate` vs MAVIS with value heads.
+
+Both sample top-k from the same base model with the same prompts and lengths (EOS banned, so
+every row generates exactly --tokens tokens). Timings alternate plain / MAVIS runs in one
+process and report medians, so machine noise hits both alike; the printed ratios are what to
+read. Peak RSS is measured in two fresh child processes, one per variant.
+
+    python benchmarks/decode.py                      # SmolLM2, batch 1 and 8, 2 shared-backbone heads
+    python benchmarks/decode.py --prompts ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mavis_lc.base_model import BaseModel, load_base_model
+from mavis_lc.decoding import DecodeConfig, MavisDecoder
+from mavis_lc.quickstart import shipped_prompts
+from mavis_lc.value_model import SharedBackboneQHead, new_shared_head
+
+QUESTIONS = shipped_prompts("train")[:8]
+"""The prompts every run uses unless given others: the first quickstart training prompts."""
+
+
+def load_prompts(path: str | None, n: int) -> list[str]:
+    if path is None:
+        return (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]
+    prompts = []
+    with gzip.open(path, "rt") as handle:
+        for line in handle:
+            chosen = json.loads(line)["chosen"]
+            prompts.append(chosen.split("\n\nHuman: ")[1].split("\n\nAssistant:")[0].strip())
+            if len(prompts) == n:
+                break
+    return prompts
+
+
+def heads_for(base: BaseModel, count: int) -> list[SharedBackboneQHead]:
+    heads = []
+    for m in range(count):
+        head = new_shared_head(base, f"objective{m}")
+        generator = torch.Generator().manual_seed(m)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator, device="cpu").to(p.device) * 0.02)
+        heads.append(head)
+    return heads
+
+
+def chat(base: BaseModel, prompts: list[str]) -> list[str]:
+    tok = base.tokenizer
+    return [
+        str(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False))
+        for p in prompts
+    ]
+
+
+def run_plain(base: BaseModel, prompts: list[str], tokens: int, top_k: int) -> float:
+    enc = base.tokenizer(prompts, padding=True, return_tensors="pt").to(base.device)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    out = base.model.generate(
+        **enc, do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens
+    )
+    _sync(base)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] - enc["input_ids"].shape[1] == tokens
+    return len(prompts) * tokens / elapsed
+
+
+def run_mavis(decoder: MavisDecoder, prompts: list[str], tokens: int, top_k: int) -> float:
+    weights = {name: 1.0 / len(decoder.objectives) for name in decoder.objectives}
+    cfg = DecodeConfig(max_new_tokens=tokens, min_new_tokens=tokens, top_k=top_k, seed=0)
+    start = time.perf_counter()
+    out = decoder.generate(prompts, weights, cfg)
+    _sync(decoder.base)
+    elapsed = time.perf_counter() - start
+    assert all(g.completion_tokens == tokens for g in out)
+    return len(prompts) * tokens / elapsed
+
+
+def _sync(base: BaseModel) -> None:
+    if base.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one variant once per batch size and print this process's peak RSS (MiB)."""
+    base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
+    decoder = MavisDecoder(base, heads_for(base, args.heads))
+    for batch in args.batch:
+        prompts = chat(base, load_prompts(args.prompts, batch))
+        if args.child == "plain":
+            run_plain(base, prompts, args.tokens, args.top_k)
+        else:
+            run_mavis(decoder, prompts, args.tokens, args.top_k)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", default=None, help="base model (default: packaged SmolLM2)")
+    parser.add_argument("--prompts", default=None, help="HH-RLHF jsonl.gz to take first human turns from")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per row")
+    parser.add_argument("--top-k", type=int, default=20, help="candidates per step")
+    parser.add_argument("--heads", type=int, default=2, help="shared-backbone heads")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda")
+    parser.add_argument("--dtype", default=None, help="auto, float32, bfloat16")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument("--child", choices=["plain", "mavis"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
+    decoder = MavisDecoder(base, heads_for(base, args.heads))
+    print(
+        f"base {base.model_id} on {base.device} ({base.dtype}), {args.heads} heads, top_k {args.top_k}, "
+        f"{args.tokens} tokens/row, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    results: dict[int, dict[str, float]] = {}
+    for batch in args.batch:
+        prompts = chat(base, load_prompts(args.prompts, batch))
+        run_plain(base, prompts, 4, args.top_k)  # warm-up
+        run_mavis(decoder, prompts, 4, args.top_k)
+        plain, mavis = [], []
+        for _ in range(args.repeats):
+            plain.append(run_plain(base, prompts, args.tokens, args.top_k))
+            mavis.append(run_mavis(decoder, prompts, args.tokens, args.top_k))
+        results[batch] = {"plain": statistics.median(plain), "mavis": statistics.median(mavis)}
+        r = results[batch]
+        print(
+            f"batch {batch:>3}: plain generate {r['plain']:8.1f} tok/s   MAVIS {r['mavis']:8.1f} tok/s   "
+            f"MAVIS/plain {r['mavis'] / r['plain']:.3f}"
+        )
+    if len(args.batch) > 1:
+        lo, hi = min(args.batch), max(args.batch)
+        for variant in ("plain", "mavis"):
+            print(f"{variant}: batch-{hi} / batch-{lo} throughput {results[hi][variant] / results[lo][variant]:.2f}x")
+    if not args.no_memory:
+        rss = {}
+        for variant in ("plain", "mavis"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, *sys.argv[1:]]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            rss[variant] = json.loads(out)["peak_rss_mib"]
+        print(
+            f"peak RSS: plain {rss['plain']:.0f} MiB   MAVIS {rss['mavis']:.0f} MiB   "
+            f"MAVIS/plain {rss['mavis'] / rss['plain']:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
