@@ -1,21 +1,23 @@
-"""The ``mavis`` command line: generate with value heads, and the registry / db sub-commands.
+"""The ``mavis`` command line: generate and evaluate with value heads, train, and the registry / db / jobs sub-commands.
 
 Typed errors (`MavisError`) are printed as one line on stderr with exit status 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 
 from mavis_lc.cli_jobs import jobs_app, train, worker
 from mavis_lc.cli_registry import db_app, registry_app
 from mavis_lc.decoding import DecodeConfig
 from mavis_lc.engine import get_engine
-from mavis_lc.errors import MavisError
+from mavis_lc.errors import ConfigurationError, MavisError
 from mavis_lc.weights import parse_weights
 
 app = typer.Typer(help="Steer a frozen language model toward several objectives at once.", no_args_is_help=True)
@@ -89,6 +91,89 @@ def quickstart(
     except MavisError as exc:
         error_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+
+
+@app.command("eval")
+def eval_command(
+    head: Annotated[list[str], typer.Option("--head", help="Value head per objective: registry spec or path.")],
+    prompts: Annotated[
+        str | None, typer.Option(help="Prompt file (.jsonl, .jsonl.gz, .txt); default the shipped held-out prompts.")
+    ] = None,
+    n_prompts: Annotated[int, typer.Option(help="Prompts evaluated.")] = 8,
+    skip: Annotated[int, typer.Option(help="Prompts skipped at the start of the file (e.g. the training ones).")] = 0,
+    seeds: Annotated[int, typer.Option(help="Samples per prompt.")] = 2,
+    grid_steps: Annotated[int, typer.Option(help="Weights per objective in [0, 1] (5: 0, 0.25, ..., 1).")] = 5,
+    best_of: Annotated[str, typer.Option(help="Best-of-N baselines, e.g. 2,4,8; empty for none.")] = "2,4,8",
+    beta: Annotated[float, typer.Option(help="MAVIS guidance strength.")] = 2.0,
+    top_k: Annotated[int, typer.Option(help="Candidate next tokens per step.")] = 20,
+    max_tokens: Annotated[int, typer.Option(help="Most new tokens per response.")] = 48,
+    batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 16,
+    kl_budget: Annotated[
+        float | None, typer.Option(help="Choose beta so that equal weights spend at most this KL (nats) per response.")
+    ] = None,
+    calibration_prompts: Annotated[int, typer.Option(help="Prompts of the --kl-budget calibration run.")] = 4,
+    variant: Annotated[
+        list[str] | None, typer.Option(help="More head sets to sweep, as NAME=SPEC,SPEC (e.g. it0=pos@1,con@1).")
+    ] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model; default MAVIS_BASE_MODEL.")] = None,
+    output_dir: Annotated[str, typer.Option(help="Folder for results.csv/.json, summary.md, pareto.png.")] = (
+        "eval-output"
+    ),
+) -> None:
+    """Sweep MAVIS weights against base sampling and best-of-N; write tables, a summary and a Pareto plot."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mavis_lc.evaluation import EvalSettings, calibrate_beta, evaluate, write_report
+    from mavis_lc.quickstart import shipped_prompts
+    from mavis_lc.training import load_prompts
+
+    try:
+        try:
+            ns = tuple(int(n) for n in best_of.split(",") if n.strip())
+        except ValueError:
+            raise ConfigurationError(f"--best-of must be integers separated by commas, got {best_of!r}") from None
+        if n_prompts < 1 or skip < 0:
+            raise ConfigurationError(f"need --n-prompts >= 1 and --skip >= 0, got {n_prompts} and {skip}")
+        source = load_prompts(prompts, skip + n_prompts) if prompts else shipped_prompts("held_out")
+        chosen = source[skip : skip + n_prompts]
+        if len(chosen) < n_prompts:
+            raise ConfigurationError(f"{prompts or 'the shipped prompts'} has {len(source)} prompts, fewer than "
+                                     f"--skip {skip} + --n-prompts {n_prompts}")  # fmt: skip
+        settings = EvalSettings(
+            grid_steps=grid_steps, seeds=seeds, best_of=ns, beta=beta, top_k=top_k,
+            max_tokens=max_tokens, batch_size=batch_size,
+        )  # fmt: skip
+        engine = get_engine(base_model, head)
+        variants = {}
+        for entry in variant or []:
+            name, _, specs = entry.partition("=")
+            if not name or not specs:
+                raise ConfigurationError(f"--variant must be NAME=SPEC,SPEC,..., got {entry!r}")
+            variants[name] = get_engine(base_model, specs.split(","))
+        calibration = None
+        if kl_budget is not None:
+            equal = dict.fromkeys(engine.objectives, 1 / len(engine.objectives))
+            calibration = calibrate_beta(engine, chosen[:calibration_prompts], equal, kl_budget, settings)
+            settings = dataclasses.replace(settings, beta=calibration.beta)
+            console.print(f"beta {calibration.beta:.3g}: KL {calibration.kl:.2f} within the budget of {kl_budget:g}")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(label: str, done: int, total: int) -> None:
+                if label not in tasks:
+                    tasks[label] = bar.add_task(label, total=total)
+                bar.update(tasks[label], completed=done)
+
+            report = evaluate(engine, chosen, settings, variants=variants, progress=progress)
+        report.calibration = calibration
+        paths = write_report(report, output_dir)
+    except MavisError as exc:
+        error_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(Markdown(paths["markdown"].read_text()))
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path.resolve()}")
 
 
 if __name__ == "__main__":

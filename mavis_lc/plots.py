@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,37 @@ def save_pareto_plot(points: Sequence[FrontPoint], path: str | Path, *, x_label:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+    return target
+
+
+def save_fronts_plot(
+    series: Mapping[str, Sequence[FrontPoint]], path: str | Path, *, x_label: str, y_label: str, title: str
+) -> Path:
+    """Write one scatter with error bars per method in ``series``, each with its Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7.2, 5.4), dpi=120)
+    colors = [f"C{i}" for i in range(10)]  # the default colour cycle
+    for (name, points), color in zip(series.items(), itertools.cycle(colors)):
+        for p in points:
+            ax.errorbar(p.x, p.y, xerr=p.x_err, yerr=p.y_err, fmt="o", capsize=2, color=color, alpha=0.8)
+            if p.label:
+                ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        front = pareto_front(points)
+        ax.plot([p.x for p in front], [p.y for p in front], "--", color=color, label=name)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(target)
     plt.close(fig)

@@ -1,0 +1,198 @@
+"""The evaluation harness on a tiny model: weight grid, hypervolume, best-of-N selection, reports, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mavis_lc.base_model import load_base_model
+from mavis_lc.cli import app
+from mavis_lc.decoding import DecodeConfig
+from mavis_lc.engine import get_engine
+from mavis_lc.errors import ConfigurationError
+from mavis_lc.evaluation import (
+    EvalSettings,
+    MethodRow,
+    calibrate_beta,
+    evaluate,
+    hypervolume,
+    weight_grid,
+    write_report,
+)
+from mavis_lc.objectives import Objective
+from mavis_lc.training import format_prompts
+from mavis_lc.value_model import new_shared_head
+
+PROMPTS = ["Hello there", "Tell me about cats", "The quick brown fox"]
+
+
+def letters(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    return [sum(ch.isalpha() for ch in r) / 10 for r in responses]
+
+
+def spaces(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    return [r.count(" ") / 5 for r in responses]
+
+
+REWARDS = {"alpha": Objective("alpha", letters), "space": Objective("space", spaces)}
+
+
+@pytest.fixture(scope="module")
+def head_paths(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    base = load_base_model(str(tiny_model_dir))
+    folder = tmp_path_factory.mktemp("eval-heads")
+    paths = []
+    for i, name in enumerate(["alpha", "space"]):
+        head = new_shared_head(base, name)
+        generator = torch.Generator().manual_seed(7 + i)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+        paths.append(str(head.save(folder / f"{name}.safetensors")))
+    return paths
+
+
+def test_weight_grid_is_zero_then_the_simplex() -> None:
+    grid = weight_grid(["a", "b"], 3)
+    assert grid == [{"a": 0, "b": 0}, {"a": 1, "b": 0}, {"a": 0.5, "b": 0.5}, {"a": 0, "b": 1}]
+    three = weight_grid(["a", "b", "c"], 3)
+    assert len(three) == 1 + 6 and all(abs(sum(w.values()) - 1) < 1e-12 for w in three[1:])
+
+
+def test_hypervolume_by_hand() -> None:
+    assert hypervolume([(1, 3), (2, 2), (3, 1)], (0, 0)) == pytest.approx(6.0)
+    assert hypervolume([(1, 3), (2, 2), (1, 1)], (0, 0)) == pytest.approx(5.0)  # (1, 1) is dominated
+    assert hypervolume([(1, 3), (-1, 5)], (0, 0)) == pytest.approx(3.0)  # below the reference: ignored
+    assert hypervolume([(1, 2, 3)], (0, 0, 0)) == pytest.approx(6.0)
+    assert hypervolume([(2, 1, 1), (1, 2, 1), (1, 1, 2)], (0, 0, 0)) == pytest.approx(4.0)
+    assert hypervolume([], (0, 0)) == 0.0
+
+
+def test_sweep_and_best_of_n(tiny_model_dir: Path, head_paths: list[str], tmp_path: Path) -> None:
+    engine = get_engine(str(tiny_model_dir), head_paths)
+    settings = EvalSettings(grid_steps=3, seeds=2, best_of=(2, 4), beta=3.0, max_tokens=8, batch_size=4)
+    report = evaluate(engine, PROMPTS, settings, rewards=REWARDS)
+
+    methods = [r.method for r in report.rows]
+    assert methods == ["base", "mavis", "mavis", "mavis"] + ["best-of-2"] * 3 + ["best-of-4"] * 3
+    base = report.rows[0]
+    assert base.weights == {"alpha": 0.0, "space": 0.0} and base.gain_sd == {"alpha": 0.0, "space": 0.0}
+    # The base row is plain sampling with seeds 0, 1 for every prompt, scored by the true rewards.
+    chat = format_prompts(engine.base.tokenizer, PROMPTS) * 2
+    texts = [g.text for g in engine.generate(chat, None, DecodeConfig(max_new_tokens=8), seeds=[0, 0, 0, 1, 1, 1])]
+    expected = letters([], texts)
+    assert base.reward["alpha"] == pytest.approx(sum(expected) / len(expected))
+
+    def row(method: str, alpha: float) -> MethodRow:
+        return next(r for r in report.rows if r.method == method and r.weights["alpha"] == alpha)
+
+    # Best-of-4 holds best-of-2's candidates: at weight 1 on one objective it cannot do worse.
+    for objective, alpha in (("alpha", 1.0), ("space", 0.0)):
+        assert row("best-of-4", alpha).reward[objective] >= row("best-of-2", alpha).reward[objective]
+    assert row("best-of-4", 1.0).forwards_per_token == 4 and row("mavis", 1.0).forwards_per_token == 1
+    assert all(r.tokens > 0 and r.seconds_per_token > 0 and r.n == 6 for r in report.rows)
+    assert row("best-of-2", 1.0).kl > 0
+
+    reference = [min(r.reward[o] for r in report.rows) for o in ("alpha", "space")]
+    assert report.reference == reference
+    mavis_points = [[r.reward["alpha"], r.reward["space"]] for r in report.rows if r.method in ("base", "mavis")]
+    assert report.hypervolume["mavis"] == pytest.approx(hypervolume(mavis_points, reference))
+    assert set(report.hypervolume) == {"mavis", "best-of-2", "best-of-4"}
+
+    paths = write_report(report, tmp_path / "out")
+    with paths["csv"].open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(report.rows) and float(table[0]["alpha"]) == pytest.approx(base.reward["alpha"])
+    assert json.loads(paths["json"].read_text())["hypervolume"] == report.hypervolume
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = paths["markdown"].read_text()
+    assert "| best-of-4 |" in markdown and "Hypervolume" in markdown
+
+
+def test_best_of_n_keeps_the_candidate_with_the_highest_weighted_score(
+    tiny_model_dir: Path, head_paths: list[str]
+) -> None:
+    engine = get_engine(str(tiny_model_dir), head_paths)
+    settings = EvalSettings(grid_steps=2, seeds=1, best_of=(3,), beta=1.0, max_tokens=6, batch_size=8)
+    report = evaluate(engine, PROMPTS[:2], settings, rewards=REWARDS)
+    # Candidates of (prompt p, seed 0) are seeds 0, 1, 2: the best by letters alone is their max.
+    config = DecodeConfig(max_new_tokens=6, top_k=20)
+    best = []
+    for prompt in format_prompts(engine.base.tokenizer, PROMPTS[:2]):
+        texts = [g.text for g in engine.generate([prompt] * 3, None, config, seeds=[0, 1, 2])]
+        best.append(max(letters([], texts)))
+    chosen = next(r for r in report.rows if r.method == "best-of-3" and r.weights["alpha"] == 1.0)
+    assert chosen.reward["alpha"] == pytest.approx(sum(best) / 2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        (EvalSettings(grid_steps=1), "grid_steps must be >= 2"),
+        (EvalSettings(best_of=(1, 4)), "best_of values must be >= 2"),
+        (EvalSettings(seeds=0), "seeds must be >= 1"),
+    ],
+)
+def test_bad_settings_are_typed_errors(
+    tiny_model_dir: Path, head_paths: list[str], settings: EvalSettings, fragment: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        evaluate(get_engine(str(tiny_model_dir), head_paths), PROMPTS, settings, rewards=REWARDS)
+
+
+def test_eval_command_writes_the_report(tiny_model_dir: Path, tmp_path: Path) -> None:
+    base = load_base_model(str(tiny_model_dir))
+    heads = [str(new_shared_head(base, n).save(tmp_path / f"{n}.safetensors")) for n in ("positivity", "conciseness")]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["skipped", *PROMPTS]))
+    args = ["eval", "--base-model", str(tiny_model_dir), "--head", heads[0], "--head", heads[1]]
+    args += ["--prompts", str(prompts), "--skip", "1", "--n-prompts", "2", "--seeds", "1", "--grid-steps", "2"]
+    args += ["--best-of", "2", "--max-tokens", "4", "--output-dir", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["n_prompts"] == 2
+    assert [r["method"] for r in data["rows"]] == ["base", "mavis", "mavis", "best-of-2", "best-of-2"]
+    assert (tmp_path / "out" / "pareto.png").is_file()
+
+    bad = CliRunner().invoke(app, [*args[:7], "--prompts", str(prompts), "--n-prompts", "9"])
+    assert bad.exit_code == 1 and "fewer than --skip 0 + --n-prompts 9" in bad.output
+
+
+def test_variants_are_swept_under_their_names(tiny_model_dir: Path, head_paths: list[str], tmp_path: Path) -> None:
+    engine = get_engine(str(tiny_model_dir), head_paths)
+    base = load_base_model(str(tiny_model_dir))
+    zero = [str(new_shared_head(base, n).save(tmp_path / f"{n}.safetensors")) for n in ("alpha", "space")]
+    settings = EvalSettings(grid_steps=2, seeds=1, best_of=(), max_tokens=6)
+    report = evaluate(
+        engine, PROMPTS, settings, variants={"zero": get_engine(str(tiny_model_dir), zero)}, rewards=REWARDS
+    )
+    assert [r.method for r in report.rows] == ["base", "mavis", "mavis", "zero", "zero"]
+    # Zero heads steer nothing: every "zero" row is the base row again.
+    assert all(r.reward == report.rows[0].reward for r in report.rows if r.method == "zero")
+    assert set(report.hypervolume) == {"mavis", "zero"}
+    with pytest.raises(ConfigurationError, match="variant 'other'"):
+        evaluate(engine, PROMPTS, settings, variants={"other": get_engine(str(tiny_model_dir), zero[:1])})
+
+
+def test_calibrated_beta_keeps_within_the_kl_budget(tiny_model_dir: Path, head_paths: list[str]) -> None:
+    engine = get_engine(str(tiny_model_dir), head_paths)
+    settings = EvalSettings(seeds=2, max_tokens=8)
+    weights = {"alpha": 0.5, "space": 0.5}
+    floor = calibrate_beta(engine, PROMPTS, weights, 1e6, settings, max_beta=16.0).trials[0][1]
+    top = calibrate_beta(engine, PROMPTS, weights, 1e6, settings, max_beta=16.0)
+    assert top.beta == 16.0 and top.kl > floor  # these random heads do tilt the samples
+    budget = (floor + top.kl) / 2
+    chosen = calibrate_beta(engine, PROMPTS, weights, budget, settings, max_beta=16.0, steps=5)
+    assert 0 < chosen.beta < 16.0 and chosen.kl <= budget
+    assert (chosen.beta, chosen.kl) in chosen.trials and len(chosen.trials) == 2 + 5
+    # Every trial above the chosen beta went over the budget.
+    assert all(kl > budget for beta, kl in chosen.trials if beta > chosen.beta)
+    with pytest.raises(ConfigurationError, match="below the KL of plain top-20 sampling"):
+        calibrate_beta(engine, PROMPTS, weights, floor / 2, settings)
