@@ -7,6 +7,9 @@ read. Peak RSS is measured in two fresh child processes, one per variant.
 
     python benchmarks/decode.py                      # SmolLM2, batch 1 and 8, 2 shared-backbone heads
     python benchmarks/decode.py --prompts ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz
+    python benchmarks/decode.py --value-models shared separate scalar --no-memory
+                                                     # also 2 separate-backbone value models (2 layers),
+                                                     # scoring candidates with Q heads or scalar V(s + a)
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.quickstart import shipped_prompts
-from mavis_lc.value_model import SharedBackboneQHead, new_shared_head
+from mavis_lc.separate_backbone import new_separate_backbone
+from mavis_lc.value_model import ValueModel, new_shared_head
 
 QUESTIONS = shipped_prompts("train")[:8]
 """The prompts every run uses unless given others: the first quickstart training prompts."""
@@ -45,8 +49,21 @@ def load_prompts(path: str | None, n: int) -> list[str]:
     return prompts
 
 
-def heads_for(base: BaseModel, count: int) -> list[SharedBackboneQHead]:
-    heads = []
+VALUE_MODELS = ("shared", "separate", "scalar")
+"""shared: Q heads on the base's hidden states; separate: value models with their own small LM
+(the base's first --backbone-layers layers) and Q heads; scalar: those, scoring each candidate
+as V(prefix + candidate)."""
+
+
+def value_models_for(base: BaseModel, kind: str, count: int, backbone_layers: int) -> list[ValueModel]:
+    if kind == "shared":
+        return list(heads_for(base, count))
+    mode = "q_head" if kind == "separate" else "scalar"
+    return [new_separate_backbone(base, f"objective{m}", n_layers=backbone_layers, mode=mode) for m in range(count)]
+
+
+def heads_for(base: BaseModel, count: int) -> list[ValueModel]:
+    heads: list[ValueModel] = []
     for m in range(count):
         head = new_shared_head(base, f"objective{m}")
         generator = torch.Generator().manual_seed(m)
@@ -97,7 +114,8 @@ def _sync(base: BaseModel) -> None:
 def child(args: argparse.Namespace) -> None:
     """Run one variant once per batch size and print this process's peak RSS (MiB)."""
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
-    decoder = MavisDecoder(base, heads_for(base, args.heads))
+    kind = "shared" if args.child in ("plain", "mavis") else args.child
+    decoder = MavisDecoder(base, value_models_for(base, kind, args.heads, args.backbone_layers))
     for batch in args.batch:
         prompts = chat(base, load_prompts(args.prompts, batch))
         if args.child == "plain":
@@ -114,52 +132,59 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per row")
     parser.add_argument("--top-k", type=int, default=20, help="candidates per step")
-    parser.add_argument("--heads", type=int, default=2, help="shared-backbone heads")
+    parser.add_argument("--heads", type=int, default=2, help="value models (objectives)")
+    parser.add_argument(
+        "--value-models", nargs="+", choices=VALUE_MODELS, default=["shared"], help="kinds of value model to time"
+    )
+    parser.add_argument("--backbone-layers", type=int, default=2, help="layers of a separate-backbone value model")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda")
     parser.add_argument("--dtype", default=None, help="auto, float32, bfloat16")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
-    parser.add_argument("--child", choices=["plain", "mavis"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["plain", "mavis", *VALUE_MODELS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
 
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
-    decoder = MavisDecoder(base, heads_for(base, args.heads))
+    names = {"shared": "MAVIS", "separate": "MAVIS separate", "scalar": "MAVIS scalar"}
+    decoders = {
+        names[kind]: MavisDecoder(base, value_models_for(base, kind, args.heads, args.backbone_layers))
+        for kind in args.value_models
+    }
     print(
-        f"base {base.model_id} on {base.device} ({base.dtype}), {args.heads} heads, top_k {args.top_k}, "
-        f"{args.tokens} tokens/row, {torch.get_num_threads()} threads, median of {args.repeats}"
+        f"base {base.model_id} on {base.device} ({base.dtype}), {args.heads} value models each of "
+        f"{', '.join(args.value_models)}, top_k {args.top_k}, {args.tokens} tokens/row, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
     )
     results: dict[int, dict[str, float]] = {}
     for batch in args.batch:
         prompts = chat(base, load_prompts(args.prompts, batch))
         run_plain(base, prompts, 4, args.top_k)  # warm-up
-        run_mavis(decoder, prompts, 4, args.top_k)
-        plain, mavis = [], []
-        for _ in range(args.repeats):
-            plain.append(run_plain(base, prompts, args.tokens, args.top_k))
-            mavis.append(run_mavis(decoder, prompts, args.tokens, args.top_k))
-        results[batch] = {"plain": statistics.median(plain), "mavis": statistics.median(mavis)}
-        r = results[batch]
-        print(
-            f"batch {batch:>3}: plain generate {r['plain']:8.1f} tok/s   MAVIS {r['mavis']:8.1f} tok/s   "
-            f"MAVIS/plain {r['mavis'] / r['plain']:.3f}"
-        )
+        for decoder in decoders.values():
+            run_mavis(decoder, prompts, 4, args.top_k)
+        runs: dict[str, list[float]] = {"plain": [], **{name: [] for name in decoders}}
+        for _ in range(args.repeats):  # alternate, so machine noise hits every variant alike
+            runs["plain"].append(run_plain(base, prompts, args.tokens, args.top_k))
+            for name, decoder in decoders.items():
+                runs[name].append(run_mavis(decoder, prompts, args.tokens, args.top_k))
+        results[batch] = r = {name: statistics.median(values) for name, values in runs.items()}
+        shown = "   ".join(f"{n} {r[n]:8.1f} tok/s ({n}/plain {r[n] / r['plain']:.3f})" for n in decoders)
+        print(f"batch {batch:>3}: plain generate {r['plain']:8.1f} tok/s   {shown}")
     if len(args.batch) > 1:
         lo, hi = min(args.batch), max(args.batch)
-        for variant in ("plain", "mavis"):
+        for variant in ("plain", *decoders):
             print(f"{variant}: batch-{hi} / batch-{lo} throughput {results[hi][variant] / results[lo][variant]:.2f}x")
     if not args.no_memory:
         rss = {}
-        for variant in ("plain", "mavis"):
+        for variant in ("plain", *args.value_models):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, *sys.argv[1:]]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             rss[variant] = json.loads(out)["peak_rss_mib"]
-        print(
-            f"peak RSS: plain {rss['plain']:.0f} MiB   MAVIS {rss['mavis']:.0f} MiB   "
-            f"MAVIS/plain {rss['mavis'] / rss['plain']:.3f}"
-        )
+        shown = "   ".join(f"{names[k]} {rss[k]:.0f} MiB ({names[k]}/plain {rss[k] / rss['plain']:.3f})"
+                           for k in args.value_models)  # fmt: skip
+        print(f"peak RSS: plain {rss['plain']:.0f} MiB   {shown}")
 
 
 if __name__ == "__main__":
