@@ -62,3 +62,21 @@ def build_tiny_model(directory: Path, *, seed: int = 0, layers: int = 2) -> Path
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_random_heads(model_dir: Path, names: list[str], folder: Path, *, seed: int) -> list[str]:
+    """Save a shared-backbone head with standard-normal parameters per objective in ``names``
+    (seeds ``seed``, ``seed + 1``, ...) to ``folder``; returns their paths."""
+    from mavis_lc.base_model import load_base_model
+    from mavis_lc.value_model import new_shared_head
+
+    base = load_base_model(str(model_dir))
+    paths = []
+    for i, name in enumerate(names):
+        head = new_shared_head(base, name)
+        generator = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+        paths.append(str(head.save(folder / f"{name}.safetensors")))
+    return paths

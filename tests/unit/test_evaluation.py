@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mavis_lc.base_model import load_base_model
@@ -28,6 +27,7 @@ from mavis_lc.evaluation import (
 from mavis_lc.objectives import Objective
 from mavis_lc.training import format_prompts
 from mavis_lc.value_model import new_shared_head
+from tests.tiny import save_random_heads
 
 PROMPTS = ["Hello there", "Tell me about cats", "The quick brown fox"]
 
@@ -45,17 +45,7 @@ REWARDS = {"alpha": Objective("alpha", letters), "space": Objective("space", spa
 
 @pytest.fixture(scope="module")
 def head_paths(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    base = load_base_model(str(tiny_model_dir))
-    folder = tmp_path_factory.mktemp("eval-heads")
-    paths = []
-    for i, name in enumerate(["alpha", "space"]):
-        head = new_shared_head(base, name)
-        generator = torch.Generator().manual_seed(7 + i)
-        with torch.no_grad():
-            for p in head.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator))
-        paths.append(str(head.save(folder / f"{name}.safetensors")))
-    return paths
+    return save_random_heads(tiny_model_dir, ["alpha", "space"], tmp_path_factory.mktemp("eval-heads"), seed=7)
 
 
 def test_weight_grid_is_zero_then_the_simplex() -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import set_llm_cache
@@ -18,27 +17,16 @@ from langchain_core.runnables import ConfigurableField
 
 import mavis_lc
 from mavis_lc import ChatMavis, MavisLLM
-from mavis_lc.base_model import load_base_model
 from mavis_lc.engine import MavisEngine
 from mavis_lc.errors import ConfigurationError, DecodingParameterError, InvalidWeightError, UnknownObjectiveError
-from mavis_lc.value_model import new_shared_head
+from tests.tiny import save_random_heads
 
 PROMPTS = ["Hello there", "Tell me about cats", "The quick brown fox", "I love sunny days"]
 
 
 @pytest.fixture(scope="module")
 def head_paths(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    base = load_base_model(str(tiny_model_dir))
-    folder = tmp_path_factory.mktemp("heads")
-    paths = []
-    for i, name in enumerate(["positivity", "conciseness"]):
-        head = new_shared_head(base, name)
-        generator = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in head.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator))
-        paths.append(str(head.save(folder / f"{name}.safetensors")))
-    return paths
+    return save_random_heads(tiny_model_dir, ["positivity", "conciseness"], tmp_path_factory.mktemp("heads"), seed=100)
 
 
 @pytest.fixture
