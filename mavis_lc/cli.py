@@ -111,6 +111,9 @@ def eval_command(
     kl_budget: Annotated[
         float | None, typer.Option(help="Choose beta so that equal weights spend at most this KL (nats) per response.")
     ] = None,
+    reward_guided: Annotated[
+        bool, typer.Option(help="Also run ARGS-style reward-guided token search (k reward calls per token).")
+    ] = False,
     calibration_prompts: Annotated[int, typer.Option(help="Prompts of the --kl-budget calibration run.")] = 4,
     variant: Annotated[
         list[str] | None, typer.Option(help="More head sets to sweep, as NAME=SPEC,SPEC (e.g. it0=pos@1,con@1).")
@@ -141,7 +144,7 @@ def eval_command(
                                      f"--skip {skip} + --n-prompts {n_prompts}")  # fmt: skip
         settings = EvalSettings(
             grid_steps=grid_steps, seeds=seeds, best_of=ns, beta=beta, top_k=top_k,
-            max_tokens=max_tokens, batch_size=batch_size,
+            max_tokens=max_tokens, batch_size=batch_size, reward_guided=reward_guided,
         )  # fmt: skip
         engine = get_engine(base_model, head)
         variants = {}

@@ -1,4 +1,4 @@
-"""Evaluation harness: Pareto sweeps of MAVIS weights against best-of-N, with what each costs.
+"""Evaluation harness: Pareto sweeps of MAVIS weights against baselines, with what each costs.
 
 `evaluate` decodes held-out prompts x seeds with:
 
@@ -8,14 +8,18 @@
   sum of the objectives' true rewards, each normalised by the base rows' mean and standard
   deviation, for every weight setting of the grid but the all-zero one. Candidate j of row
   (prompt, seed s) is sampled with seed ``s * max(N) + j``, drawn once for the largest N; a
-  smaller N keeps the first N candidates, so best-of-2 and best-of-8 see the same samples.
+  smaller N keeps the first N candidates, so best-of-2 and best-of-8 see the same samples;
+- ``reward-guided`` (with ``reward_guided=True``): token search in the style of ARGS, where
+  every step tilts the base's top-k candidates by the weighted, normalised true rewards of the
+  response so far plus each candidate (`RewardGuidedScorer`), at MAVIS's beta.
 
 Every row reports the mean reward per objective with a normal 95% confidence interval, its gain
 in standard deviations of the base rewards, the KL from the base model (MAVIS: the decoder's
 per-response estimate against the base's full distribution; best-of-N: that estimate for the
 chosen sample plus log N - (N-1)/N, the bound on what the choice adds), and its cost: base-model
 forward passes per generated token (1 for MAVIS, whose shared-backbone heads read the base's
-hidden states; N for best-of-N) and wall seconds per generated token. Each method's points give
+hidden states; N for best-of-N), true-reward calls per generated token (0 for MAVIS; k per
+objective for reward-guided search) and wall seconds per generated token. Each method's points give
 a hypervolume, all against one reference point (the worst mean reward of any row, per objective).
 """
 
@@ -30,14 +34,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from mavis_lc.decoding import DecodeConfig, Generation
+import torch
+
+from mavis_lc.base_model import BaseModel
+from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder
 from mavis_lc.engine import MavisEngine
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.objectives import Objective, get_objective
 from mavis_lc.plots import FrontPoint, save_fronts_plot
 from mavis_lc.training import format_prompts
+from mavis_lc.value_model import ValueHeadConfig, ValueModel
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(label, done, total)`` after every decoded chunk."""
@@ -62,6 +69,9 @@ class EvalSettings:
     """Longest response."""
     batch_size: int = 16
     """Rows decoded together."""
+    reward_guided: bool = False
+    """Also run reward-guided token search (ARGS-style: every step scores the top-k candidate
+    texts with the true rewards), at every weight setting; for cheap rewards only."""
     chat_template: bool = True
     """Send each prompt as a user turn through the tokenizer's chat template."""
 
@@ -90,6 +100,8 @@ class MethodRow:
     kl: float
     """Mean KL from the base model per response, nats (see `evaluate` for best-of-N)."""
     forwards_per_token: float
+    reward_calls_per_token: float
+    """True-reward evaluations per generated token, all objectives counted (0 for MAVIS)."""
     seconds_per_token: float
     tokens: int
     n: int
@@ -146,6 +158,50 @@ def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -
     return volume
 
 
+class RewardGuidedScorer(ValueModel):
+    """Reward-guided token search in the style of ARGS: "Q" of a candidate is the objective's true
+    reward of the response so far plus that token, normalised by ``mean`` and ``std``.
+
+    It plugs into `MavisDecoder` as a value model, so the tilt, weights and beta work as for
+    MAVIS; each step scores all B x k candidate texts in one reward call. Set `prompts` (the raw
+    user turns of the batch's rows) before decoding; reward functions receive them.
+    """
+
+    def __init__(self, base: BaseModel, objective: Objective, mean: float, std: float) -> None:
+        super().__init__()
+        self.config = ValueHeadConfig(
+            objective=objective.name, base_model_id=base.model_id, tokenizer_fingerprint=base.fingerprint,
+            hidden_size=base.hidden_size, vocab_size=base.vocab_size, architecture="reward_guided",
+            reward_mean=mean, reward_std=std,
+        )  # fmt: skip
+        self.reward = objective
+        self.tokenizer = base.tokenizer
+        self.prompts: list[str] = []
+        self.generated: list[list[int]] = []
+        self.calls = 0
+        """Texts scored so far."""
+
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if len(self.prompts) != input_ids.shape[0]:
+            raise ConfigurationError(f"set prompts for all {input_ids.shape[0]} rows before decoding")
+        self.generated = [[] for _ in range(input_ids.shape[0])]
+
+    def advance(self, token_ids: torch.Tensor) -> None:
+        for row, token in zip(self.generated, token_ids.tolist(), strict=True):
+            row.append(token)
+
+    def q_values(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+        rows, k = candidate_ids.shape
+        texts = self.tokenizer.batch_decode(
+            [[*row, a] for row, cands in zip(self.generated, candidate_ids.tolist(), strict=True) for a in cands],
+            skip_special_tokens=True,
+        )
+        scores = self.reward.score([p for p in self.prompts for _ in range(k)], texts)
+        self.calls += len(texts)
+        q = (torch.tensor(scores, dtype=torch.float32) - self.config.reward_mean) / self.config.reward_std
+        return q.view(rows, k).to(hidden.device)
+
+
 def evaluate(
     engine: MavisEngine,
     prompts: Sequence[str],
@@ -188,12 +244,18 @@ def evaluate(
     scorers = {o: (rewards or {}).get(o) or get_objective(o) for o in objectives}
 
     def decode(
-        label: str, weights: dict[str, float], row_seeds: Sequence[tuple[int, int]], by: MavisEngine = engine
-    ) -> tuple[list[Any], float]:
+        label: str,
+        weights: dict[str, float],
+        row_seeds: Sequence[tuple[int, int]],
+        by: MavisEngine | MavisDecoder = engine,
+        scorers_to_feed: Sequence[RewardGuidedScorer] = (),
+    ) -> tuple[list[Generation], float]:
         out: list[Generation] = []
         start = time.perf_counter()
         for first in range(0, len(row_seeds), settings.batch_size):
             chunk = row_seeds[first : first + settings.batch_size]
+            for scorer in scorers_to_feed:
+                scorer.prompts = [prompts[p] for p, _ in chunk]
             out += by.generate([texts[p] for p, _ in chunk], weights, config, seeds=[s for _, s in chunk])
             report_progress(label, len(out), len(row_seeds))
         return out, time.perf_counter() - start
@@ -204,18 +266,32 @@ def evaluate(
         scores = {o: scorers[o].score(raw, [g.text for g in generations]) for o in objectives}
         return scores, time.perf_counter() - start
 
+    def run(method: str, weights: dict[str, float], generations: Sequence[Generation], **cost: float) -> _Run:
+        scores, _ = score([p for p, _ in rows], generations)
+        kls = [g.kl for g in generations]
+        return _Run(method, weights, scores, kls, tokens=sum(g.completion_tokens for g in generations), **cost)
+
     grid = weight_grid(objectives, settings.grid_steps)
-    results: list[tuple[str, dict[str, float], dict[str, list[float]], list[float], float, float, int]] = []
+    results: list[_Run] = []
     sweeps = [("base", engine, grid[:1]), ("mavis", engine, grid[1:])]
     sweeps += [(name, other, grid[1:]) for name, other in variants.items()]
-    for method, by, settings_of in sweeps:  # results: (method, weights, rewards, kls, forwards/token, seconds, tokens)
+    for method, by, settings_of in sweeps:
         for weights in settings_of:
             generations, seconds = decode(f"{method} {_label(weights)}", weights, rows, by)
-            scores, _ = score([p for p, _ in rows], generations)
-            tokens = sum(g.completion_tokens for g in generations)
-            results.append((method, weights, scores, [g.kl for g in generations], 1.0, seconds, tokens))
+            results.append(run(method, weights, generations, forwards=1.0, reward_calls=0.0, seconds=seconds))
 
-    norm = {o: (statistics.fmean(v), _stdev(v)) for o, v in results[0][2].items()}  # the base rows
+    norm = {o: (statistics.fmean(v), _stdev(v)) for o, v in results[0].scores.items()}  # the base rows
+    if settings.reward_guided:
+        guides = [RewardGuidedScorer(engine.base, scorers[o], *norm[o]) for o in objectives]
+        guided = MavisDecoder(engine.base, guides)
+        for weights in grid[1:]:
+            calls_before = sum(g.calls for g in guides)
+            generations, seconds = decode(f"reward-guided {_label(weights)}", weights, rows, guided, guides)
+            calls = sum(g.calls for g in guides) - calls_before
+            tokens = max(sum(g.completion_tokens for g in generations), 1)
+            results.append(
+                run("reward-guided", weights, generations, forwards=1.0, reward_calls=calls / tokens, seconds=seconds)
+            )
     if settings.best_of:
         largest = max(settings.best_of)
         candidate_rows = [(p, s * largest + j) for p, s in rows for j in range(largest)]
@@ -228,17 +304,23 @@ def evaluate(
             for weights in grid[1:]:
                 utility = [sum(weights[o] * z[o][c] for o in objectives) for c in range(len(candidates))]
                 chosen = [max(range(r * largest, r * largest + n), key=utility.__getitem__) for r in range(len(rows))]
-                scores = {o: [cand_scores[o][c] for c in chosen] for o in objectives}
                 tokens = sum(candidates[c].completion_tokens for c in chosen)
                 # KL of a best-of-n choice over its sampler is at most log n - (n-1)/n (Beirami et al.).
                 bound = math.log(n) - (n - 1) / n
-                kls = [candidates[c].kl + bound for c in chosen]
-                results.append((f"best-of-{n}", weights, scores, kls, float(n), (decode_s + score_s) * share, tokens))
+                results.append(
+                    _Run(
+                        f"best-of-{n}", weights, {o: [cand_scores[o][c] for c in chosen] for o in objectives},
+                        [candidates[c].kl + bound for c in chosen], forwards=float(n),
+                        reward_calls=n * len(objectives) * len(rows) / max(tokens, 1),
+                        seconds=(decode_s + score_s) * share, tokens=tokens,
+                    )
+                )  # fmt: skip
 
-    table = [_row(*r, norm=norm, n=len(rows)) for r in results]
+    table = [r.row(norm, len(rows)) for r in results]
     reference = [min(r.reward[o] for r in table) for o in objectives]
     report = EvalReport(list(objectives), settings, len(prompts), table, reference)
-    for family in ["mavis", *variants, *(f"best-of-{n}" for n in sorted(settings.best_of))]:
+    families = ["mavis", *variants, *(["reward-guided"] if settings.reward_guided else [])]
+    for family in [*families, *(f"best-of-{n}" for n in sorted(settings.best_of))]:
         points = [[r.reward[o] for o in objectives] for r in report.family(family)]
         report.hypervolume[family] = hypervolume(points, reference)
     return report
@@ -325,13 +407,13 @@ def write_report(report: EvalReport, folder: str | Path, *, title: str = "MAVIS 
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
         stats = [f"{o}{suffix}" for o in objectives for suffix in ("", "_ci95", "_gain_sd")]
-        costs = ["kl", "forwards_per_token", "seconds_per_token", "tokens", "n"]
+        costs = ["kl", "forwards_per_token", "reward_calls_per_token", "seconds_per_token", "tokens", "n"]
         writer.writerow(["method", *(f"w_{o}" for o in objectives), *stats, *costs])
         for r in report.rows:
             writer.writerow(
                 [r.method, *(r.weights[o] for o in objectives)]
                 + [v for o in objectives for v in (r.reward[o], r.reward_ci95[o], r.gain_sd[o])]
-                + [r.kl, r.forwards_per_token, r.seconds_per_token, r.tokens, r.n]
+                + [r.kl, r.forwards_per_token, r.reward_calls_per_token, r.seconds_per_token, r.tokens, r.n]
             )
     paths["json"].write_text(json.dumps(asdict(report), indent=2))
     paths["markdown"].write_text(summary_markdown(report))
@@ -358,15 +440,17 @@ def summary_markdown(report: EvalReport) -> str:
         f"{report.n_prompts} prompts x {s.seeds} seeds, top-k {s.top_k}, MAVIS beta {s.beta}, "
         f"max {s.max_tokens} tokens; mean (95% CI) and gain in base SD.",
         "",
-        "| method | weights | " + " | ".join(objectives) + " | KL | base forwards / token | ms / token |",
-        "|---|---|" + "---|" * len(objectives) + "---|---|---|",
+        "| method | weights | " + " | ".join(objectives) + " | KL | base forwards / token | reward calls / token"
+        " | ms / token |",
+        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|",
     ]
     for r in report.rows:
         cells = [f"{r.reward[o]:+.3f} ± {r.reward_ci95[o]:.3f} ({r.gain_sd[o]:+.2f} SD)" for o in objectives]
         lines.append(
             f"| {r.method} | {_label(r.weights)} | "
             + " | ".join(cells)
-            + f" | {r.kl:.2f} | {r.forwards_per_token:g} | {1000 * r.seconds_per_token:.1f} |"
+            + f" | {r.kl:.2f} | {r.forwards_per_token:g} | {r.reward_calls_per_token:.2f}"
+            + f" | {1000 * r.seconds_per_token:.1f} |"
         )
     reference = ", ".join(f"{o} {v:+.3f}" for o, v in zip(objectives, report.reference, strict=True))
     lines += ["", f"Hypervolume (reference point: {reference}):", ""]
@@ -382,31 +466,34 @@ def summary_markdown(report: EvalReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _row(
-    method: str,
-    weights: dict[str, float],
-    scores: dict[str, list[float]],
-    kls: list[float],
-    forwards: float,
-    seconds: float,
-    tokens: int,
-    *,
-    norm: Mapping[str, tuple[float, float]],
-    n: int,
-) -> MethodRow:
-    stats = {o: _mean_ci(v) for o, v in scores.items()}
-    return MethodRow(
-        method=method,
-        weights=dict(weights),
-        reward={o: m for o, (m, _) in stats.items()},
-        reward_ci95={o: h for o, (_, h) in stats.items()},
-        gain_sd={o: (stats[o][0] - norm[o][0]) / norm[o][1] for o in scores},
-        kl=statistics.fmean(kls),
-        forwards_per_token=forwards,
-        seconds_per_token=seconds / max(tokens, 1),
-        tokens=tokens,
-        n=n,
-    )
+@dataclass
+class _Run:
+    """One method at one weight setting, before its statistics: every row's rewards and KL."""
+
+    method: str
+    weights: dict[str, float]
+    scores: dict[str, list[float]]
+    kls: list[float]
+    forwards: float
+    reward_calls: float
+    seconds: float
+    tokens: int
+
+    def row(self, norm: Mapping[str, tuple[float, float]], n: int) -> MethodRow:
+        stats = {o: _mean_ci(v) for o, v in self.scores.items()}
+        return MethodRow(
+            method=self.method,
+            weights=dict(self.weights),
+            reward={o: m for o, (m, _) in stats.items()},
+            reward_ci95={o: h for o, (_, h) in stats.items()},
+            gain_sd={o: (stats[o][0] - norm[o][0]) / norm[o][1] for o in self.scores},
+            kl=statistics.fmean(self.kls),
+            forwards_per_token=self.forwards,
+            reward_calls_per_token=self.reward_calls,
+            seconds_per_token=self.seconds / max(self.tokens, 1),
+            tokens=self.tokens,
+            n=n,
+        )
 
 
 def _mean_ci(values: Sequence[float]) -> tuple[float, float]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mavis_lc.base_model import load_base_model
@@ -18,6 +19,7 @@ from mavis_lc.errors import ConfigurationError
 from mavis_lc.evaluation import (
     EvalSettings,
     MethodRow,
+    RewardGuidedScorer,
     calibrate_beta,
     evaluate,
     hypervolume,
@@ -186,3 +188,34 @@ def test_calibrated_beta_keeps_within_the_kl_budget(tiny_model_dir: Path, head_p
     assert all(kl > budget for beta, kl in chosen.trials if beta > chosen.beta)
     with pytest.raises(ConfigurationError, match="below the KL of plain top-20 sampling"):
         calibrate_beta(engine, PROMPTS, weights, floor / 2, settings)
+
+
+def test_reward_guided_scorer_scores_each_candidate_text(tiny_model_dir: Path) -> None:
+    base = load_base_model(str(tiny_model_dir))
+    scorer = RewardGuidedScorer(base, REWARDS["alpha"], mean=1.0, std=2.0)
+    scorer.prompts = ["a", "b"]
+    scorer.begin(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    first = base.tokenizer("cats", add_special_tokens=False)["input_ids"]
+    for token in first:
+        scorer.advance(torch.tensor([token, token]))
+    candidates = torch.tensor([[5, 40, 41], [60, 61, 62]])
+    q = scorer.q_values(torch.zeros(2, base.hidden_size), candidates)
+    for b in range(2):
+        for j in range(3):
+            text = base.tokenizer.decode([*first, int(candidates[b, j])], skip_special_tokens=True)
+            assert q[b, j].item() == pytest.approx((letters([], [text])[0] - 1.0) / 2.0)
+    assert scorer.calls == 6
+    with pytest.raises(ConfigurationError, match="set prompts for all 4 rows"):
+        scorer.begin(torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long))
+
+
+def test_reward_guided_search_raises_its_reward(tiny_model_dir: Path, head_paths: list[str]) -> None:
+    engine = get_engine(str(tiny_model_dir), head_paths)
+    settings = EvalSettings(grid_steps=2, seeds=2, best_of=(), beta=4.0, max_tokens=8, reward_guided=True)
+    report = evaluate(engine, PROMPTS, settings, rewards=REWARDS)
+    guided = {r.weights["alpha"]: r for r in report.rows if r.method == "reward-guided"}
+    assert set(guided) == {0.0, 1.0} and "reward-guided" in report.hypervolume
+    assert guided[1.0].gain_sd["alpha"] > 1.0  # base SDs: letters are easy to find among 20 candidates
+    assert guided[0.0].reward["space"] >= report.rows[0].reward["space"]
+    # Every step scores top_k candidates per objective; tokens after EOS still cost a step.
+    assert guided[1.0].reward_calls_per_token >= 2 * 20
