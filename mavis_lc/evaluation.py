@@ -239,7 +239,7 @@ def evaluate(
                 f"variant {name!r} has objectives {other.objectives} on {other.base.model_id}; "
                 f"it must match {objectives} on {engine.base.model_id}"
             )
-        if name in ("base", "mavis") or name.startswith("best-of-"):
+        if name in ("base", "mavis", "reward-guided") or name.startswith("best-of-"):
             raise ConfigurationError(f"variant name {name!r} is taken; use another")
     scorers = {o: (rewards or {}).get(o) or get_objective(o) for o in objectives}
 
