@@ -8,4 +8,4 @@ bash scripts/services.sh
 ruff check .
 ruff format --check mavis_lc worker tests benchmarks
 mypy
-python -m pytest -q "$@"
+MAVIS_REQUIRE_SERVICES=1 python -m pytest -q "$@"  # a missing service fails, never skips

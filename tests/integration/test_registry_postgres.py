@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from mavis_lc.registry import ArtifactStore, Registry, check, create_registry_engine, upgrade
+from tests.integration.workers import SERVICES_REQUIRED
 from tests.unit.test_registry_api import RegistryContract, register
 
 pytestmark = pytest.mark.integration
@@ -37,6 +38,8 @@ def postgres_url() -> Iterator[str]:
     try:
         admin = _admin_connection()
     except psycopg.OperationalError as exc:
+        if SERVICES_REQUIRED:
+            raise
         pytest.skip(f"PostgreSQL not reachable at {ADMIN_URL}: {exc}")
     name = f"mavis_test_{uuid.uuid4().hex[:16]}"
     with admin:

@@ -25,6 +25,10 @@ REDIS_HOST = "127.0.0.1"
 PROMPTS = ["I love cats", "awful rain", "Tell me a story", "Numbers 1 2"]
 
 
+SERVICES_REQUIRED = os.environ.get("MAVIS_REQUIRE_SERVICES") == "1"
+"""Set by scripts/test.sh: a missing Redis or PostgreSQL then fails the tests instead of skipping them."""
+
+
 def services_available() -> bool:
     try:
         redis.Redis(host=REDIS_HOST, port=6379, socket_connect_timeout=1).ping()
