@@ -157,7 +157,7 @@ def main() -> None:
             f"{objective}: iteration 1 {verdict} iteration 0 at beta {args.beta}: "
             f"{diff:+.2f} base SD [{diff - half:+.2f}, {diff + half:+.2f}]"
         )
-    out = workdir / "steering.json"
+    out = workdir / f"steering-beta{args.beta:g}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"report: {out}")
 
