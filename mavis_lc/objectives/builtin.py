@@ -80,7 +80,11 @@ def _non_profanity(prompts: Sequence[str], responses: Sequence[str]) -> list[flo
 
 
 def non_profanity() -> Objective:
-    """One minus the alt-profanity-check probability that the response is offensive, in [0, 1]."""
+    """One minus the alt-profanity-check probability that the response is offensive, in [0, 1].
+
+    alt-profanity-check loads its classifier from a joblib (pickle) file shipped inside its own
+    PyPI package, the one unpickling this objective implies; mavis-lc's artifacts never do.
+    """
     return Objective(
         "non_profanity",
         _non_profanity,
