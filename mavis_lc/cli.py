@@ -167,6 +167,8 @@ def eval_command(
                 if label not in tasks:
                     tasks[label] = bar.add_task(label, total=total)
                 bar.update(tasks[label], completed=done)
+                if done == total and not console.is_terminal:  # a log file gets a line per finished stage
+                    console.print(f"{label}: {total} rows, {bar.tasks[tasks[label]].elapsed or 0:.0f} s")
 
             report = evaluate(engine, chosen, settings, variants=variants, progress=progress)
         report.calibration = calibration
