@@ -176,7 +176,8 @@ def eval_command(
     except MavisError as exc:
         error_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
-    console.print(Markdown(paths["markdown"].read_text()))
+    summary = paths["markdown"].read_text()
+    console.print(Markdown(summary) if console.is_terminal else summary, markup=False, highlight=False)
     for kind, path in paths.items():
         console.print(f"{kind}: {path.resolve()}")
 
