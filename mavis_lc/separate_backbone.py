@@ -208,6 +208,7 @@ def new_separate_backbone(
     small_config = copy.deepcopy(base_config)
     small_config.num_hidden_layers = n_layers
     small_config.vocab_size = 1  # the embedding table is the base's, borrowed
+    small_config.pad_token_id = None  # a padding row would have to lie inside that 1-row table
     for key in ("layer_types",):  # per-layer lists must shrink with the layer count
         value = getattr(small_config, key, None)
         if isinstance(value, list):
@@ -254,7 +255,7 @@ def _embedding_matrix(base: BaseModel) -> torch.Tensor:
 
 
 def _config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
-    values = dict(data)
+    values = {**data, "pad_token_id": None}  # see new_separate_backbone
     try:
         return AutoConfig.for_model(values.pop("model_type"), **values)
     except (KeyError, ValueError) as exc:
