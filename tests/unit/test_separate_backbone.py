@@ -117,10 +117,10 @@ def test_fit_changes_every_trainable_parameter_and_lowers_the_loss(base: BaseMod
     assert result.metrics["n_train"] + result.metrics["n_val"] == rollouts.leaves().numel()
 
 
-def test_a_base_whose_padding_token_is_not_token_0(base: BaseModel) -> None:
+def test_a_base_whose_padding_token_is_not_token_0(base: BaseModel, monkeypatch: pytest.MonkeyPatch) -> None:
     # SmolLM2's pad token is id 2: the small model's borrowed 1-row embedding table must not
     # inherit it (nn.Embedding refuses a padding_idx outside the table).
-    base.model.config.pad_token_id = 2
+    monkeypatch.setattr(base.model.config, "pad_token_id", 2)  # the base model is shared by the process
     model = new_separate_backbone(base, "obj", n_layers=1)
     loaded = load_value_model(model.to_bytes(), base)
     assert isinstance(loaded, SeparateBackboneValueModel)
