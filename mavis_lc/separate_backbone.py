@@ -208,7 +208,8 @@ def new_separate_backbone(
     small_config = copy.deepcopy(base_config)
     small_config.num_hidden_layers = n_layers
     small_config.vocab_size = 1  # the embedding table is the base's, borrowed
-    small_config.pad_token_id = None  # a padding row would have to lie inside that 1-row table
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids outside that 1-row table
+        setattr(small_config, key, None)
     for key in ("layer_types",):  # per-layer lists must shrink with the layer count
         value = getattr(small_config, key, None)
         if isinstance(value, list):
@@ -255,7 +256,7 @@ def _embedding_matrix(base: BaseModel) -> torch.Tensor:
 
 
 def _config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
-    values = {**data, "pad_token_id": None}  # see new_separate_backbone
+    values = {**data, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # see new_separate_backbone
     try:
         return AutoConfig.for_model(values.pop("model_type"), **values)
     except (KeyError, ValueError) as exc:
