@@ -192,6 +192,15 @@ class _MavisParams(BaseModel):
     def _metadata(self, engine: MavisEngine, generation: decoding.Generation) -> dict[str, Any]:
         return {**generation.info(), "model_name": engine.base.model_id, "heads": engine.heads_info()}
 
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]
+        params["ls_model_name"] = kwargs.get("model", self._model_name())
+        return cast(LangSmithParams, params)
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self._identity()
+
     def _model_name(self) -> str:
         return self.base_model or get_settings().base_model
 
@@ -283,15 +292,6 @@ class MavisLLM(_MavisParams, BaseLLM):
     @property
     def _llm_type(self) -> str:
         return "mavis"
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_model_name"] = kwargs.get("model", self._model_name())
-        return params
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self._identity()
 
     def generate(  # type: ignore[override]
         self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any
@@ -403,15 +403,6 @@ class ChatMavis(_MavisParams, BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "mavis-chat"
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_model_name"] = kwargs.get("model", self._model_name())
-        return params
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self._identity()
 
     def _format(self, engine: MavisEngine, messages: Sequence[BaseMessage]) -> str:
         chat = [{"role": _role(m), "content": m.text} for m in messages]
