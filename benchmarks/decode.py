@@ -15,7 +15,6 @@ read. Peak RSS is measured in two fresh child processes, one per variant.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import resource
 import statistics
@@ -30,6 +29,8 @@ from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.quickstart import shipped_prompts
 from mavis_lc.separate_backbone import new_separate_backbone
+from mavis_lc.training import format_prompts
+from mavis_lc.training import load_prompts as training_prompts
 from mavis_lc.value_model import ValueModel, new_shared_head
 
 QUESTIONS = shipped_prompts("train")[:8]
@@ -39,14 +40,7 @@ QUESTIONS = shipped_prompts("train")[:8]
 def load_prompts(path: str | None, n: int) -> list[str]:
     if path is None:
         return (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]
-    prompts = []
-    with gzip.open(path, "rt") as handle:
-        for line in handle:
-            chosen = json.loads(line)["chosen"]
-            prompts.append(chosen.split("\n\nHuman: ")[1].split("\n\nAssistant:")[0].strip())
-            if len(prompts) == n:
-                break
-    return prompts
+    return training_prompts(path, n)
 
 
 VALUE_MODELS = ("shared", "separate", "scalar")
@@ -72,14 +66,6 @@ def heads_for(base: BaseModel, count: int) -> list[ValueModel]:
                 p.copy_(torch.randn(p.shape, generator=generator, device="cpu").to(p.device) * 0.02)
         heads.append(head)
     return heads
-
-
-def chat(base: BaseModel, prompts: list[str]) -> list[str]:
-    tok = base.tokenizer
-    return [
-        str(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False))
-        for p in prompts
-    ]
 
 
 def run_plain(base: BaseModel, prompts: list[str], tokens: int, top_k: int) -> float:
@@ -117,7 +103,7 @@ def child(args: argparse.Namespace) -> None:
     kind = "shared" if args.child in ("plain", "mavis") else args.child
     decoder = MavisDecoder(base, value_models_for(base, kind, args.heads, args.backbone_layers))
     for batch in args.batch:
-        prompts = chat(base, load_prompts(args.prompts, batch))
+        prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
         if args.child == "plain":
             run_plain(base, prompts, args.tokens, args.top_k)
         else:
@@ -160,7 +146,7 @@ def main() -> None:
     )
     results: dict[int, dict[str, float]] = {}
     for batch in args.batch:
-        prompts = chat(base, load_prompts(args.prompts, batch))
+        prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
         run_plain(base, prompts, 4, args.top_k)  # warm-up
         for decoder in decoders.values():
             run_mavis(decoder, prompts, 4, args.top_k)

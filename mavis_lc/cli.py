@@ -49,18 +49,10 @@ def generate(
 ) -> None:
     """Generate responses to PROMPTS, steered by the given heads and weights, in one batch."""
     try:
+        from mavis_lc.training import format_prompts
+
         engine = get_engine(base_model, head or [])
-        tokenizer = engine.base.tokenizer
-        texts = [
-            p
-            if raw or not getattr(tokenizer, "chat_template", None)
-            else str(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                )
-            )
-            for p in prompts
-        ]
+        texts = format_prompts(engine.base.tokenizer, prompts, chat_template=not raw)
         config = DecodeConfig(max_new_tokens=max_tokens, top_k=top_k, temperature=temperature, beta=beta, seed=seed)
         results = engine.generate(texts, parse_weights(weights), config)
     except MavisError as exc:
