@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mavis_lc.evaluation import mean_ci
 from mavis_lc.langchain import ChatMavis
 from mavis_lc.objectives import get_objective
 from mavis_lc.training import TrainingConfig, TrainingResult, load_prompts, train_objective
@@ -48,11 +48,6 @@ def train(objective: str, config: TrainingConfig, workdir: Path) -> tuple[Traini
     start = time.perf_counter()
     result = train_objective(replace(config, objective=objective), progress=progress, workdir=workdir / objective)
     return result, time.perf_counter() - start
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def main() -> None:

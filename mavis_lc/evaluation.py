@@ -277,7 +277,7 @@ def evaluate(
     sweeps += [(name, other, grid[1:]) for name, other in variants.items()]
     for method, by, settings_of in sweeps:
         for weights in settings_of:
-            generations, seconds = decode(f"{method} {_label(weights)}", weights, rows, by)
+            generations, seconds = decode(f"{method} {weights_label(weights)}", weights, rows, by)
             results.append(run(method, weights, generations, forwards=1.0, reward_calls=0.0, seconds=seconds))
 
     norm = {o: (statistics.fmean(v), _stdev(v)) for o, v in results[0].scores.items()}  # the base rows
@@ -286,7 +286,7 @@ def evaluate(
         guided = MavisDecoder(engine.base, guides)
         for weights in grid[1:]:
             calls_before = sum(g.calls for g in guides)
-            generations, seconds = decode(f"reward-guided {_label(weights)}", weights, rows, guided, guides)
+            generations, seconds = decode(f"reward-guided {weights_label(weights)}", weights, rows, guided, guides)
             calls = sum(g.calls for g in guides) - calls_before
             tokens = max(sum(g.completion_tokens for g in generations), 1)
             results.append(
@@ -421,7 +421,7 @@ def write_report(report: EvalReport, folder: str | Path, *, title: str = "MAVIS 
         series: dict[str, list[FrontPoint]] = {}
         for r in report.rows:
             point = FrontPoint(
-                _label(r.weights) if r.method in ("base", "mavis") else "",
+                weights_label(r.weights) if r.method in ("base", "mavis") else "",
                 r.reward[objectives[0]],
                 r.reward[objectives[1]],
                 r.reward_ci95[objectives[0]],
@@ -447,7 +447,7 @@ def summary_markdown(report: EvalReport) -> str:
     for r in report.rows:
         cells = [f"{r.reward[o]:+.3f} ± {r.reward_ci95[o]:.3f} ({r.gain_sd[o]:+.2f} SD)" for o in objectives]
         lines.append(
-            f"| {r.method} | {_label(r.weights)} | "
+            f"| {r.method} | {weights_label(r.weights)} | "
             + " | ".join(cells)
             + f" | {r.kl:.2f} | {r.forwards_per_token:g} | {r.reward_calls_per_token:.2f}"
             + f" | {1000 * r.seconds_per_token:.1f} |"
@@ -457,7 +457,8 @@ def summary_markdown(report: EvalReport) -> str:
     lines += [f"- {family}: {volume:.4f}" for family, volume in report.hypervolume.items()]
     if report.calibration is not None:
         c = report.calibration
-        lines += ["", f"beta {c.beta:.3g} calibrated to a KL budget of {c.kl_budget:g} nats at {_label(c.weights)}: "
+        at = weights_label(c.weights)
+        lines += ["", f"beta {c.beta:.3g} calibrated to a KL budget of {c.kl_budget:g} nats at {at}: "
                   f"KL {c.kl:.2f} ({len(c.trials)} trials)"]  # fmt: skip
     lines += ["", "Gain at weight 1 on one objective alone (base SD):", ""]
     for family in report.hypervolume:
@@ -480,7 +481,7 @@ class _Run:
     tokens: int
 
     def row(self, norm: Mapping[str, tuple[float, float]], n: int) -> MethodRow:
-        stats = {o: _mean_ci(v) for o, v in self.scores.items()}
+        stats = {o: mean_ci(v) for o, v in self.scores.items()}
         return MethodRow(
             method=self.method,
             weights=dict(self.weights),
@@ -496,7 +497,8 @@ class _Run:
         )
 
 
-def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of a normal 95% confidence interval (NaN for one value)."""
     mean = statistics.fmean(values)
     return mean, (1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan)
 
@@ -507,5 +509,6 @@ def _stdev(values: Sequence[float]) -> float:
     return sd if sd > 0 else 1.0
 
 
-def _label(weights: Mapping[str, float]) -> str:
+def weights_label(weights: Mapping[str, float]) -> str:
+    """``pos=0.75 con=0.25``: each objective's first three letters and its weight."""
     return " ".join(f"{name[:3]}={value:g}" for name, value in weights.items())

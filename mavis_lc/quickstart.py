@@ -12,9 +12,6 @@ plot. A rerun reuses registered heads whose training settings match, unless aske
 from __future__ import annotations
 
 import json
-import math
-import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -25,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mavis_lc.evaluation import mean_ci, weights_label
 from mavis_lc.langchain import ChatMavis
 from mavis_lc.objectives import get_objective
 from mavis_lc.plots import FrontPoint, save_pareto_plot
@@ -205,7 +203,7 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
             continue  # a few samples in the table; the means below use them all
         detail.add_row(
             inp["question"],
-            _weights_label(w),
+            weights_label(w),
             " ".join(responses[i].split()),
             *(f"{rewards[o][i]:+.3f}" for o in OBJECTIVES),
             f"{kls[i]:.2f}",
@@ -218,11 +216,11 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
     per_setting: list[dict[str, Any]] = []
     for s, settings in enumerate(SETTINGS):
         idx = range(s * per_setting_n, (s + 1) * per_setting_n)
-        stats = {o: _mean_ci([rewards[o][i] for i in idx]) for o in OBJECTIVES}
-        kl = _mean_ci([kls[i] for i in idx])
+        stats = {o: mean_ci([rewards[o][i] for i in idx]) for o in OBJECTIVES}
+        kl = mean_ci([kls[i] for i in idx])
         per_setting.append({"weights": settings, **{o: stats[o] for o in OBJECTIVES}, "kl": kl})
         summary.add_row(
-            _weights_label(settings), *(f"{m:+.3f} ± {h:.3f}" for m, h in stats.values()), f"{kl[0]:.2f} ± {kl[1]:.2f}"
+            weights_label(settings), *(f"{m:+.3f} ± {h:.3f}" for m, h in stats.values()), f"{kl[0]:.2f} ± {kl[1]:.2f}"
         )
     out.print(summary)
     out.print(
@@ -240,7 +238,7 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
 
     points = [
         FrontPoint(
-            _weights_label(p["weights"]),
+            weights_label(p["weights"]),
             p[OBJECTIVES[0]][0],
             p[OBJECTIVES[1]][0],
             p[OBJECTIVES[0]][1],
@@ -266,15 +264,3 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
     out.print(f"Pareto plot: {plot.resolve()}")
     out.print(f"summary: {summary_path.resolve()}")
     return result
-
-
-def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of a normal 95% confidence interval."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def _weights_label(weights: dict[str, float]) -> str:
-    return " ".join(f"{name[:3]}={value:g}" for name, value in weights.items())
