@@ -250,14 +250,15 @@ def evaluate(
         by: MavisEngine | MavisDecoder = engine,
         scorers_to_feed: Sequence[RewardGuidedScorer] = (),
     ) -> tuple[list[Generation], float]:
-        out: list[Generation] = []
-        start = time.perf_counter()
-        for first in range(0, len(row_seeds), settings.batch_size):
-            chunk = row_seeds[first : first + settings.batch_size]
+        def feed(chunk: list[int]) -> None:
             for scorer in scorers_to_feed:
-                scorer.prompts = [prompts[p] for p, _ in chunk]
-            out += by.generate([texts[p] for p, _ in chunk], weights, config, seeds=[s for _, s in chunk])
-            report_progress(label, len(out), len(row_seeds))
+                scorer.prompts = [prompts[p] for p in chunk]
+
+        start = time.perf_counter()
+        out = _generate_rows(
+            by, texts, row_seeds, weights, config, settings.batch_size,
+            before_chunk=feed, after_chunk=lambda done: report_progress(label, done, len(row_seeds)),
+        )  # fmt: skip
         return out, time.perf_counter() - start
 
     def score(row_prompts: Sequence[int], generations: Sequence[Generation]) -> tuple[dict[str, list[float]], float]:
@@ -365,17 +366,13 @@ def calibrate_beta(
     if not (math.isfinite(max_beta) and max_beta > 0) or steps < 1:
         raise ConfigurationError(f"need max_beta > 0 and steps >= 1, got {max_beta!r} and {steps!r}")
     texts = format_prompts(engine.base.tokenizer, prompts, settings.chat_template)
-    rows = [(t, s) for t in texts for s in range(settings.seeds)]
+    rows = [(p, s) for p in range(len(texts)) for s in range(settings.seeds)]
     trials: list[tuple[float, float]] = []
 
     def mean_kl(beta: float) -> float:
         config = DecodeConfig(max_new_tokens=settings.max_tokens, top_k=settings.top_k, beta=beta)
-        kls = []
-        for first in range(0, len(rows), settings.batch_size):
-            chunk = rows[first : first + settings.batch_size]
-            out = engine.generate([t for t, _ in chunk], dict(weights), config, seeds=[s for _, s in chunk])
-            kls += [g.kl for g in out]
-        trials.append((beta, statistics.fmean(kls)))
+        out = _generate_rows(engine, texts, rows, weights, config, settings.batch_size)
+        trials.append((beta, statistics.fmean(g.kl for g in out)))
         return trials[-1][1]
 
     floor = mean_kl(0.0)
@@ -465,6 +462,30 @@ def summary_markdown(report: EvalReport) -> str:
         gains = ", ".join(f"{o} {report.single_objective_gain(family, o):+.2f}" for o in objectives)
         lines.append(f"- {family}: {gains}")
     return "\n".join(lines) + "\n"
+
+
+def _generate_rows(
+    by: MavisEngine | MavisDecoder,
+    texts: Sequence[str],
+    rows: Sequence[tuple[int, int]],
+    weights: Mapping[str, float],
+    config: DecodeConfig,
+    batch_size: int,
+    *,
+    before_chunk: Callable[[list[int]], None] | None = None,
+    after_chunk: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Decode ``rows`` (index into the formatted ``texts``, seed), ``batch_size`` rows at a time;
+    ``before_chunk`` gets each chunk's text indices, ``after_chunk`` the rows decoded so far."""
+    out: list[Generation] = []
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first : first + batch_size]
+        if before_chunk is not None:
+            before_chunk([p for p, _ in chunk])
+        out += by.generate([texts[p] for p, _ in chunk], dict(weights), config, seeds=[s for _, s in chunk])
+        if after_chunk is not None:
+            after_chunk(len(out))
+    return out
 
 
 @dataclass
