@@ -256,7 +256,7 @@ def _embedding_matrix(base: BaseModel) -> torch.Tensor:
 
 
 def _config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
-    values = {**data, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # see new_separate_backbone
+    values = dict(data)
     try:
         return AutoConfig.for_model(values.pop("model_type"), **values)
     except (KeyError, ValueError) as exc:
