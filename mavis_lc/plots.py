@@ -25,36 +25,11 @@ def pareto_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
     return sorted(front, key=lambda p: p.x)
 
 
-def save_pareto_plot(points: Sequence[FrontPoint], path: str | Path, *, x_label: str, y_label: str, title: str) -> Path:
-    """Write a scatter of ``points`` with error bars and the Pareto front drawn through them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    for p in points:
-        ax.errorbar(p.x, p.y, xerr=p.x_err, yerr=p.y_err, fmt="o", capsize=3, color="tab:blue")
-        ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    front = pareto_front(points)
-    ax.plot([p.x for p in front], [p.y for p in front], "--", color="tab:orange", label="Pareto front")
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(y_label)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(target)
-    plt.close(fig)
-    return target
-
-
 def save_fronts_plot(
     series: Mapping[str, Sequence[FrontPoint]], path: str | Path, *, x_label: str, y_label: str, title: str
 ) -> Path:
-    """Write one scatter with error bars per method in ``series``, each with its Pareto front."""
+    """Write one scatter with error bars per method in ``series``, each with its Pareto front
+    drawn dashed and labelled with the series name."""
     import matplotlib
 
     matplotlib.use("Agg")

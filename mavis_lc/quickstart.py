@@ -25,7 +25,7 @@ from rich.table import Table
 from mavis_lc.evaluation import mean_ci, weights_label
 from mavis_lc.langchain import ChatMavis
 from mavis_lc.objectives import get_objective
-from mavis_lc.plots import FrontPoint, save_pareto_plot
+from mavis_lc.plots import FrontPoint, save_fronts_plot
 from mavis_lc.registry import Registry, VersionInfo
 from mavis_lc.training import TrainingConfig, TrainingResult, train_objective
 
@@ -246,8 +246,8 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
         )
         for p in per_setting
     ]
-    plot = save_pareto_plot(
-        points,
+    plot = save_fronts_plot(
+        {"Pareto front": points},
         output_dir / f"{plan.alias}-pareto.png",
         x_label=f"{OBJECTIVES[0]} reward (mean)",
         y_label=f"{OBJECTIVES[1]} reward (mean)",
