@@ -300,10 +300,10 @@ def evaluate(
         candidates, decode_s = decode(f"best-of-{largest} samples", zero, candidate_rows)
         cand_scores, score_s = score([p for p, _ in candidate_rows], candidates)
         z = {o: [(x - norm[o][0]) / norm[o][1] for x in cand_scores[o]] for o in objectives}
+        utilities = [[sum(w[o] * z[o][c] for o in objectives) for c in range(len(candidates))] for w in grid[1:]]
         for n in sorted(settings.best_of):
             share = n / largest  # of the candidate decode and scoring time this N would spend
-            for weights in grid[1:]:
-                utility = [sum(weights[o] * z[o][c] for o in objectives) for c in range(len(candidates))]
+            for weights, utility in zip(grid[1:], utilities, strict=True):
                 chosen = [max(range(r * largest, r * largest + n), key=utility.__getitem__) for r in range(len(rows))]
                 tokens = sum(candidates[c].completion_tokens for c in chosen)
                 # KL of a best-of-n choice over its sampler is at most log n - (n-1)/n (Beirami et al.).
