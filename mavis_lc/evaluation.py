@@ -169,11 +169,9 @@ class RewardGuidedScorer(ValueModel):
 
     def __init__(self, base: BaseModel, objective: Objective, mean: float, std: float) -> None:
         super().__init__()
-        self.config = ValueHeadConfig(
-            objective=objective.name, base_model_id=base.model_id, tokenizer_fingerprint=base.fingerprint,
-            hidden_size=base.hidden_size, vocab_size=base.vocab_size, architecture="reward_guided",
-            reward_mean=mean, reward_std=std,
-        )  # fmt: skip
+        self.config = ValueHeadConfig.for_base(
+            base, objective.name, architecture="reward_guided", reward_mean=mean, reward_std=std
+        )
         self.reward = objective
         self.tokenizer = base.tokenizer
         self.prompts: list[str] = []

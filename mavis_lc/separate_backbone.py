@@ -215,16 +215,7 @@ def new_separate_backbone(
         if isinstance(value, list):
             setattr(small_config, key, value[:n_layers])
     options = {**config.pop("options", {}), "n_layers": n_layers, "mode": mode, "model_config": small_config.to_dict()}
-    cfg = ValueHeadConfig(
-        objective=objective,
-        base_model_id=base.model_id,
-        tokenizer_fingerprint=base.fingerprint,
-        hidden_size=base.hidden_size,
-        vocab_size=base.vocab_size,
-        architecture=SEPARATE_BACKBONE,
-        options=options,
-        **config,
-    )
+    cfg = ValueHeadConfig.for_base(base, objective, architecture=SEPARATE_BACKBONE, options=options, **config)
     model = SeparateBackboneValueModel(cfg, _embedding_matrix(base))
     source: Any = base.model.base_model
     with torch.no_grad():

@@ -62,6 +62,18 @@ class ValueHeadConfig:
     """Architecture-specific options."""
     format_version: int = FORMAT_VERSION
 
+    @classmethod
+    def for_base(cls, base: BaseModel, objective: str, **fields: Any) -> ValueHeadConfig:
+        """The config of a value model for ``objective`` on ``base`` (its id, tokenizer and sizes)."""
+        return cls(
+            objective=objective,
+            base_model_id=base.model_id,
+            tokenizer_fingerprint=base.fingerprint,
+            hidden_size=base.hidden_size,
+            vocab_size=base.vocab_size,
+            **fields,
+        )
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -141,15 +153,7 @@ class SharedBackboneQHead(ValueModel):
 
 def new_shared_head(base: BaseModel, objective: str, **config: Any) -> SharedBackboneQHead:
     """A zero-initialised shared-backbone head for ``objective`` on ``base``."""
-    cfg = ValueHeadConfig(
-        objective=objective,
-        base_model_id=base.model_id,
-        tokenizer_fingerprint=base.fingerprint,
-        hidden_size=base.hidden_size,
-        vocab_size=base.vocab_size,
-        **config,
-    )
-    head = SharedBackboneQHead(cfg, base.token_embeddings)
+    head = SharedBackboneQHead(ValueHeadConfig.for_base(base, objective, **config), base.token_embeddings)
     return head.to(base.device)
 
 
