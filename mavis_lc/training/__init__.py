@@ -6,7 +6,14 @@ sharing iteration-0 rollouts between objectives.
 """
 
 from mavis_lc.training.config import ARCHITECTURES, TrainingConfig
-from mavis_lc.training.fit import FitResult, fit_separate_backbone, fit_shared_head, regression_metrics, split_prompts
+from mavis_lc.training.fit import (
+    FitResult,
+    fit_separate_backbone,
+    fit_shared_head,
+    fit_shared_head_averaged,
+    regression_metrics,
+    split_prompts,
+)
 from mavis_lc.training.prompts import first_human_turn, format_prompts, load_prompts
 from mavis_lc.training.rollouts import TreeRollouts, merge_rollouts, sample_trees
 from mavis_lc.training.run import IterationResult, ProgressCallback, TrainingResult, rollout_cache_path, train_objective
@@ -25,6 +32,7 @@ __all__ = [
     "first_human_turn",
     "fit_separate_backbone",
     "fit_shared_head",
+    "fit_shared_head_averaged",
     "format_prompts",
     "load_prompts",
     "merge_rollouts",

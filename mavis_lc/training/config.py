@@ -98,6 +98,13 @@ class TrainingConfig:
         },
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the fit."})
+    n_fits: int = field(
+        default=1,
+        metadata={
+            "help": "Shared head: fit this many heads, each holding out another validation split, and average "
+            "their weights (the head is linear in them, so its Q is the mean of theirs)."
+        },
+    )
     epochs: int = field(default=20, metadata={"help": "Most passes over the training targets per iteration."})
     fit_batch_size: int = field(default=256, metadata={"help": "Shared head: (state, token) pairs per minibatch."})
     sequence_batch_size: int = field(default=8, metadata={"help": "Separate backbone: leaf paths per minibatch."})
@@ -132,6 +139,7 @@ class TrainingConfig:
             "sequence_batch_size",
             "patience",
             "reward_batch_size",
+            "n_fits",
         )
         for name in positive:
             value = getattr(self, name)
@@ -161,6 +169,11 @@ class TrainingConfig:
         if self.architecture not in ARCHITECTURES:
             raise ConfigurationError(
                 f"architecture {self.architecture!r} is not allowed; allowed: {', '.join(ARCHITECTURES)}"
+            )
+        if self.n_fits > 1 and self.architecture != "shared_q_head":
+            raise ConfigurationError(
+                f"n_fits {self.n_fits} needs architecture shared_q_head (weights of a separate backbone "
+                f"do not average into the mean of its fits), got {self.architecture!r}"
             )
         if self.value_mode not in ("q_head", "scalar"):
             raise ConfigurationError(f"value_mode {self.value_mode!r} is not allowed; allowed: q_head, scalar")

@@ -22,8 +22,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import statistics
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -114,6 +115,47 @@ def fit_shared_head(
         return nn.functional.mse_loss(predict(batch), targets[batch])
 
     return _train(head, batches, loss_of, train_idx, val_idx, evaluate, config, progress, should_cancel)
+
+
+def fit_shared_head_averaged(
+    head: SharedBackboneQHead,
+    rollouts: TreeRollouts,
+    token_target: torch.Tensor,
+    config: TrainingConfig,
+    *,
+    progress: FitProgress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FitResult:
+    """`fit_shared_head` ``config.n_fits`` times from ``head``'s current weights, fit i with seed
+    ``config.seed + i`` (its own validation split and minibatch order), then set ``head`` to the
+    mean of the fitted weights. Q is linear in the head's weights, so the averaged head's Q is the
+    mean of the fits' Q: a bagged ensemble that costs one head at decoding time. Every prompt
+    trains most of the fits, and averaging cancels much of what each fit learned from its own
+    split's noise.
+
+    Metrics are the means over the fits of their metrics, each measured on its own held-out
+    prompts (a cross-validated estimate of one fit's quality), plus ``n_fits``.
+    """
+    if config.n_fits == 1:
+        return fit_shared_head(head, rollouts, token_target, config, progress=progress, should_cancel=should_cancel)
+    start = copy.deepcopy(head.state_dict())
+    states: list[dict[str, torch.Tensor]] = []
+    results: list[FitResult] = []
+    for i in range(config.n_fits):
+        head.load_state_dict(start)
+
+        def report(epoch: int, epochs: int, metrics: dict[str, float], i: int = i) -> None:
+            if progress is not None:
+                progress(i * epochs + epoch, config.n_fits * epochs, metrics)
+
+        member = replace(config, seed=config.seed + i)
+        result = fit_shared_head(head, rollouts, token_target, member, progress=report, should_cancel=should_cancel)
+        results.append(result)
+        states.append(copy.deepcopy(head.state_dict()))
+    head.load_state_dict({name: torch.stack([s[name] for s in states]).mean(0) for name in start})
+    metrics = {name: statistics.fmean(r.metrics[name] for r in results) for name in results[0].metrics}
+    history = [row for r in results for row in r.history]
+    return FitResult(metrics={**metrics, "n_fits": float(config.n_fits)}, history=history)
 
 
 def fit_separate_backbone(

@@ -38,7 +38,7 @@ from mavis_lc.separate_backbone import SeparateBackboneValueModel, new_separate_
 from mavis_lc.settings import get_settings
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.files import write_atomic
-from mavis_lc.training.fit import fit_separate_backbone, fit_shared_head
+from mavis_lc.training.fit import fit_separate_backbone, fit_shared_head_averaged
 from mavis_lc.training.prompts import format_prompts, load_prompts
 from mavis_lc.training.rollouts import TreeRollouts, sample_trees
 from mavis_lc.training.targets import TreeTargets, compute_targets, reward_stats, score_leaves
@@ -315,7 +315,7 @@ def _fit(
             model, base, rollouts, targets.token_target, config, progress=progress, should_cancel=should_cancel
         )
     elif isinstance(model, SharedBackboneQHead):
-        result = fit_shared_head(
+        result = fit_shared_head_averaged(
             model, rollouts, targets.token_target, config, progress=progress, should_cancel=should_cancel
         )
     else:

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from mavis_lc.base_model import BaseModel, load_base_model
-from mavis_lc.errors import TrainingCancelled
+from mavis_lc.errors import ConfigurationError, TrainingCancelled
 from mavis_lc.training import (
     TrainingConfig,
     compute_targets,
     fit_shared_head,
+    fit_shared_head_averaged,
     format_prompts,
     regression_metrics,
     sample_trees,
@@ -94,3 +95,29 @@ def test_regression_metrics_on_known_values() -> None:
     assert shifted["mse"] == 1.0 and shifted["r2"] == pytest.approx(1 - 1 / 1.25)
     assert shifted["spearman"] == pytest.approx(1.0)
     assert regression_metrics(-target, target)["spearman"] == pytest.approx(-1.0)
+
+
+def test_averaged_fit_is_the_mean_of_fits_with_successive_seeds(base: BaseModel) -> None:
+    rollouts, target = tree_data(base)
+    config = replace(CONFIG, n_fits=3, seed=5)
+    singles = []
+    for i in range(3):
+        head = new_shared_head(base, "obj")
+        fit_shared_head(head, rollouts, target, replace(config, n_fits=1, seed=5 + i))
+        singles.append(head.state_dict())
+    averaged = new_shared_head(base, "obj")
+    ticks: list[tuple[int, int]] = []
+    result = fit_shared_head_averaged(averaged, rollouts, target, config, progress=lambda e, n, m: ticks.append((e, n)))
+    for name, value in averaged.state_dict().items():
+        torch.testing.assert_close(value, torch.stack([s[name] for s in singles]).mean(0))
+    assert not torch.equal(singles[0]["token_bias"], singles[1]["token_bias"])  # the fits differ
+    assert result.metrics["n_fits"] == 3.0
+    assert [n for _, n in ticks] == [3 * CONFIG.epochs] * len(ticks)
+    assert [e for e, _ in ticks] == sorted(e for e, _ in ticks)  # one running count over the fits
+
+
+def test_n_fits_needs_the_shared_head() -> None:
+    with pytest.raises(ConfigurationError, match="n_fits 2 needs architecture shared_q_head"):
+        replace(CONFIG, n_fits=2, architecture="separate_backbone").validate()
+    with pytest.raises(ConfigurationError, match="n_fits must be an integer >= 1, got 0"):
+        replace(CONFIG, n_fits=0).validate()
