@@ -108,8 +108,9 @@ def _report(job: JobInfo) -> None:
 def _train(
     objective: str, *, shards: int, queue: bool | None, wait_for_it: bool, timeout_s: float | None, **options: Any
 ) -> None:
-    """Body of ``mavis train``; ``options`` are `TrainingConfig` fields as the flags gave them."""
-    config = dict(options)
+    """Body of ``mavis train``; ``options`` are `TrainingConfig` fields as the flags gave them
+    (None for a flag not given: the field keeps its default)."""
+    config = {name: value for name, value in options.items() if value is not None}
     if isinstance(config.get("objective_options"), str):
         try:
             config["objective_options"] = json.loads(config["objective_options"])

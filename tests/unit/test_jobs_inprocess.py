@@ -175,3 +175,16 @@ def test_cli_train_in_process_then_jobs_list_show_cancel(config: dict[str, Any],
     assert runner.invoke(app, ["jobs", "cancel", job.id]).output.strip().endswith("succeeded")
     assert runner.invoke(app, ["jobs", "show", "no-such-job"]).exit_code == 1
     assert runner.invoke(app, ["worker"]).exit_code == 1  # no broker configured
+
+
+def test_cli_train_without_objective_options_uses_the_defaults(config: dict[str, Any], tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    flags = ["--prompts", str(prompts), "--n-iterations", "1", "--n-fits", "2"]
+    for key in ("base_model", "device", "k_root", "k_children", "n_layers", "segment_max_tokens", "top_k", "epochs"):
+        flags += [f"--{key.replace('_', '-')}", str(config[key])]
+    result = CliRunner().invoke(app, ["train", REWARD, *flags])
+    assert result.exit_code == 0, result.output
+    [job] = Registry().list_jobs()
+    assert job.config["objective_options"] == {} and job.config["n_fits"] == 2
+    assert "succeeded: registered length_score@1" in result.output
