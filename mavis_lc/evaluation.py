@@ -432,7 +432,7 @@ def summary_markdown(report: EvalReport) -> str:
     """The report as Markdown: the table of rows, then hypervolumes and single-objective gains."""
     s, objectives = report.settings, report.objectives
     lines = [
-        f"{report.n_prompts} prompts x {s.seeds} seeds, top-k {s.top_k}, MAVIS beta {s.beta}, "
+        f"{report.n_prompts} prompts x {s.seeds} seeds, top-k {s.top_k}, MAVIS beta {s.beta:.3g}, "
         f"max {s.max_tokens} tokens; mean (95% CI) and gain in base SD.",
         "",
         "| method | weights | " + " | ".join(objectives) + " | KL | base forwards / token | reward calls / token"
