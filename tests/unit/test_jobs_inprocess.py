@@ -156,12 +156,18 @@ def test_celery_settings_follow_the_production_rules() -> None:
         WorkerSettings(visibility_timeout_s=60, time_limit_s=120, soft_time_limit_s=100).check()
 
 
-def test_cli_train_in_process_then_jobs_list_show_cancel(config: dict[str, Any], tmp_path: Path) -> None:
+def train_flags(config: dict[str, Any], tmp_path: Path) -> list[str]:
+    """``mavis train`` flags for the tiny model, its settings and PROMPTS (written to a file)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
-    flags = ["--prompts", str(prompts), "--objective-options", '{"name": "wordy"}']
+    flags = ["--prompts", str(prompts)]
     for key in ("base_model", "device", "k_root", "k_children", "n_layers", "segment_max_tokens", "top_k", "epochs"):
         flags += [f"--{key.replace('_', '-')}", str(config[key])]
+    return flags
+
+
+def test_cli_train_in_process_then_jobs_list_show_cancel(config: dict[str, Any], tmp_path: Path) -> None:
+    flags = [*train_flags(config, tmp_path), "--objective-options", '{"name": "wordy"}']
     runner = CliRunner()
     result = runner.invoke(app, ["train", REWARD, *flags, "--n-iterations", "1"])
     assert result.exit_code == 0, result.output
@@ -178,11 +184,7 @@ def test_cli_train_in_process_then_jobs_list_show_cancel(config: dict[str, Any],
 
 
 def test_cli_train_without_objective_options_uses_the_defaults(config: dict[str, Any], tmp_path: Path) -> None:
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS))
-    flags = ["--prompts", str(prompts), "--n-iterations", "1", "--n-fits", "2"]
-    for key in ("base_model", "device", "k_root", "k_children", "n_layers", "segment_max_tokens", "top_k", "epochs"):
-        flags += [f"--{key.replace('_', '-')}", str(config[key])]
+    flags = [*train_flags(config, tmp_path), "--n-iterations", "1", "--n-fits", "2"]
     result = CliRunner().invoke(app, ["train", REWARD, *flags])
     assert result.exit_code == 0, result.output
     [job] = Registry().list_jobs()
