@@ -32,11 +32,13 @@ class DecodeConfig:
     max_new_tokens: int = 128
     """Most tokens generated per sequence (EOS included)."""
     min_new_tokens: int = 0
-    """EOS is banned until this many tokens have been generated."""
+    """EOS is banned until this many tokens have been generated (1: no empty answers). The KL
+    is still measured against the unconstrained base."""
     top_k: int = 20
     """Candidate next tokens per step (the paper uses 40; 10-20 is usually enough)."""
     temperature: float = 1.0
-    """Base-model temperature T, applied before the tilt."""
+    """Base-model temperature T, applied before the tilt; 0 means greedy (the argmax of
+    ``topk_logits + beta * tilt``, statistics at T = 1), whatever ``do_sample`` says."""
     beta: float = 1.0
     """Guidance strength: 0 gives plain top-k sampling of the base."""
     do_sample: bool = True
@@ -60,7 +62,11 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     kl: float
-    """Estimate of KL(pi || pi_ref) for this sequence: Σ_t log pi(a_t|s_t) - log pi_ref_T(a_t|s_t)."""
+    """Estimate of KL(pi || pi_ref) for this sequence: Σ_t log pi(a_t|s_t) - log pi_ref_T(a_t|s_t),
+    against the base's full distribution (plain top-k sampling pays the top-k cut here)."""
+    kl_topk: float
+    """The same sum against the base renormalised over its top-k, pi_ref^k: what the steering
+    itself costs (0 for plain top-k sampling)."""
     mean_tilt: dict[str, float]
     """Per objective: mean over steps of Q(chosen) - E_{pi_ref top-k}[Q], in normalised reward units."""
     weights: dict[str, float]
@@ -74,6 +80,7 @@ class Generation:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "kl": self.kl,
+            "kl_topk": self.kl_topk,
             "mean_tilt": dict(self.mean_tilt),
             "weights": dict(self.weights),
             "seed": self.seed,
@@ -96,7 +103,8 @@ class StepOutput:
     tokens: torch.Tensor  # (B,) chosen token ids
     candidates: torch.Tensor  # (B, k) the base model's top-k token ids
     probs: torch.Tensor  # (B, k) pi over the candidates
-    log_ratio: torch.Tensor  # (B,) log pi(a|s) - log pi_ref_T(a|s)
+    log_ratio: torch.Tensor  # (B,) log pi(a|s) - log pi_ref_T(a|s), full-vocabulary reference
+    log_ratio_topk: torch.Tensor  # (B,) log pi(a|s) - log pi_ref^k(a|s), reference renormalised over the top-k
     tilt: torch.Tensor  # (B, M) Q_m(chosen) - E_{pi_ref top-k}[Q_m]
 
 
@@ -111,39 +119,48 @@ def mavis_step(
     top_k: int,
     temperature: float,
     generators: Sequence[torch.Generator] | None,
+    allowed: torch.Tensor | None = None,
 ) -> StepOutput:
     """One MAVIS decoding step for a batch.
 
     Args:
-        logits: base next-token logits, (B, V); banned tokens already set to -inf.
+        logits: base next-token logits, (B, V), as the model gives them.
         hidden: base final hidden states at the last position, (B, d).
         heads: M value models; weights: (B, M) per-row objective weights.
         generators: one per row to sample with; None takes the argmax (greedy).
+        allowed: (B, V) bool, the tokens a row may take (say, EOS banned); the top-k is taken
+            among them, but ``log_ratio`` is still against the unconstrained base.
     """
     ref_logits = logits.float() / temperature  # (B, V) pi_ref at temperature T
-    ref_logprobs = torch.log_softmax(ref_logits, dim=-1)  # (B, V)
-    topk_logits, candidates = ref_logits.topk(top_k, dim=-1)  # (B, k), (B, k)
+    ref_logprobs = torch.log_softmax(ref_logits, dim=-1)  # (B, V) the unconstrained base
+    legal_logits = ref_logits if allowed is None else ref_logits.masked_fill(~allowed, float("-inf"))  # (B, V)
+    topk_logits, candidates = legal_logits.topk(top_k, dim=-1)  # (B, k), (B, k)
+    ref_k = torch.softmax(topk_logits, dim=-1)  # (B, k) pi_ref^k: the base renormalised over the candidates
     if heads:
         q = torch.stack([head.q_values(hidden, candidates).float() for head in heads], dim=-1)  # (B, k, M)
     else:
         q = topk_logits.new_zeros(*topk_logits.shape, 0)  # (B, k, 0)
     tilt = beta * (q * weights[:, None, :]).sum(-1)  # (B, k)
-    probs = torch.softmax(topk_logits + tilt, dim=-1)  # (B, k) pi over the candidates
-    scores = probs  # (B, k) greedy takes the argmax of pi
+    log_probs = torch.log_softmax(topk_logits + tilt, dim=-1)  # (B, k) log pi over the candidates
+    scores = log_probs  # (B, k) greedy takes the argmax of pi
     if generators is not None:
         # torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) drawn over the whole vocabulary.
         # Drawing the same q from each row's generator samples exactly what plain top-k
         # sampling with that seed samples, an order of magnitude faster than multinomial on CPU.
         noise = torch.stack([torch.empty_like(ref_logits[0]).exponential_(generator=g) for g in generators])  # (B, V)
-        scores = probs / noise.gather(1, candidates)  # (B, k)
+        scores = log_probs.exp() / noise.gather(1, candidates)  # (B, k)
     choice = scores.argmax(dim=-1, keepdim=True)  # (B, 1)
     tokens = candidates.gather(1, choice).squeeze(1)  # (B,)
-    log_ratio = probs.gather(1, choice).log().squeeze(1) - ref_logprobs.gather(1, tokens[:, None]).squeeze(1)
-    ref_k = torch.softmax(topk_logits, dim=-1)  # (B, k) pi_ref restricted to the candidates
+    chosen_log_prob = log_probs.gather(1, choice).squeeze(1)  # (B,)
     chosen_q = q.gather(1, choice[:, :, None].expand(-1, 1, q.shape[-1])).squeeze(1)  # (B, M)
     expected_q = (ref_k[:, :, None] * q).sum(1)  # (B, M)
     return StepOutput(
-        tokens=tokens, candidates=candidates, probs=probs, log_ratio=log_ratio, tilt=chosen_q - expected_q
+        tokens=tokens,
+        candidates=candidates,
+        probs=log_probs.exp(),
+        log_ratio=chosen_log_prob - ref_logprobs.gather(1, tokens[:, None]).squeeze(1),
+        log_ratio_topk=chosen_log_prob - ref_k.gather(1, choice).log().squeeze(1),
+        tilt=chosen_q - expected_q,
     )
 
 
@@ -170,10 +187,8 @@ class MavisDecoder:
             raise DecodingParameterError(f"top_k must be an integer in [1, {vocab}], got {config.top_k!r}")
         if not math.isfinite(config.beta) or config.beta < 0:
             raise DecodingParameterError(f"beta must be finite and >= 0, got {config.beta!r}")
-        if config.do_sample and not (math.isfinite(config.temperature) and config.temperature > 0):
-            raise DecodingParameterError(
-                f"temperature must be finite and > 0 when sampling, got {config.temperature!r}"
-            )
+        if not (math.isfinite(config.temperature) and config.temperature >= 0):
+            raise DecodingParameterError(f"temperature must be finite and >= 0 (0: greedy), got {config.temperature!r}")
         room = self.base.max_context - prompt_tokens
         if not isinstance(config.max_new_tokens, int) or not 1 <= config.max_new_tokens <= room:
             raise DecodingParameterError(
@@ -239,18 +254,21 @@ class MavisDecoder:
         self.check(cfg, int(input_ids.shape[1]))
         weight_rows = weight_matrix(rows, self.objectives, device=device)  # (B, M)
         generators = None
-        if cfg.do_sample:
+        if cfg.do_sample and cfg.temperature > 0:
             generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
         ban = torch.tensor(self.base.eos_token_ids, device=device, dtype=torch.long)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
         prompt_lengths = attention_mask.sum(-1).tolist()
 
         tracker = _TextTracker(tok, cfg.stop, set(self.base.eos_token_ids), batch)
+        greedy = cfg.temperature == 0 or not cfg.do_sample
+        temperature = cfg.temperature or 1.0  # greedy at T = 0 reads the tilt and statistics at T = 1
+        # Per step, per row: log pi - log pi_ref, log pi - log pi_ref^k and the tilt, kept until a
+        # row finishes, so that tokens past a stop-string cut count in none of its statistics.
+        steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # Grad mode is per thread and a stream may be resumed on another thread (async
         # callers), so inference mode is entered around each stretch of work, never across a yield.
         with torch.inference_mode():
-            kl = torch.zeros(batch, dtype=torch.float64)
-            tilt_sum = torch.zeros(batch, len(self.heads), dtype=torch.float64)
             for head in self.heads:
                 head.begin(input_ids, attention_mask)
             cache = DynamicCache(config=self.base.model.config)
@@ -262,11 +280,11 @@ class MavisDecoder:
                 use_cache=True,
             ).last_hidden_state[:, -1]  # (B, d)
             next_position = position_ids[:, -1]  # (B,)
+            no_eos = torch.ones(batch, self.base.vocab_size, dtype=torch.bool, device=device)  # (B, V)
+            no_eos[:, ban] = False
         for step in range(cfg.max_new_tokens):
             with torch.inference_mode():
                 logits = self._lm_head(hidden)  # (B, V)
-                if step < cfg.min_new_tokens:
-                    logits[:, ban] = float("-inf")
                 out = mavis_step(
                     logits,
                     hidden,
@@ -274,25 +292,28 @@ class MavisDecoder:
                     weight_rows,
                     beta=cfg.beta,
                     top_k=cfg.top_k,
-                    temperature=cfg.temperature,
-                    generators=generators,
+                    temperature=temperature,
+                    generators=None if greedy else generators,
+                    allowed=no_eos if step < cfg.min_new_tokens else None,
                 )
-                active = ~tracker.done
-                kl += torch.where(active, out.log_ratio.double().cpu(), 0.0)
-                tilt_sum += torch.where(active[:, None], out.tilt.double().cpu(), 0.0)
+                steps.append((out.log_ratio.double().cpu(), out.log_ratio_topk.double().cpu(), out.tilt.double().cpu()))
             deltas = tracker.push(out.tokens.tolist(), last_step=step + 1 == cfg.max_new_tokens)
             finished: list[Generation | None] = [None] * batch
             for b in tracker.newly_done:
-                n = len(tracker.token_ids[b])
+                n = tracker.kept[b]
+                kl, kl_topk, tilt = (torch.stack([s[i][b] for s in steps[:n]]).sum(0) if n else None for i in range(3))
                 finished[b] = Generation(
                     text=tracker.final_text[b],
-                    token_ids=list(tracker.token_ids[b]),
+                    token_ids=tracker.token_ids[b][:n],
                     finish_reason=tracker.finish_reason[b],
                     stop_sequence=tracker.stop_sequence[b],
                     prompt_tokens=int(prompt_lengths[b]),
                     completion_tokens=n,
-                    kl=float(kl[b]),
-                    mean_tilt={m: float(tilt_sum[b, i]) / n for i, m in enumerate(self.objectives)},
+                    kl=float(kl) if kl is not None else 0.0,
+                    kl_topk=float(kl_topk) if kl_topk is not None else 0.0,
+                    mean_tilt={
+                        m: float(tilt[i]) / n if tilt is not None else 0.0 for i, m in enumerate(self.objectives)
+                    },
                     weights=dict(rows[b]),
                     seed=row_seeds[b],
                 )
@@ -346,6 +367,8 @@ class _TextTracker:
         self.stop = list(stop)
         self.eos_ids = eos_ids
         self.token_ids: list[list[int]] = [[] for _ in range(batch)]
+        self.kept = [0] * batch
+        """Per finished row: its tokens that made the output (those past a stop-string cut do not)."""
         self.emitted = [0] * batch
         self.done = torch.zeros(batch, dtype=torch.bool)
         self.newly_done: list[int] = []
@@ -364,6 +387,7 @@ class _TextTracker:
             cut, matched = self._find_stop(text)
             if matched is not None:
                 self._finish(b, text[:cut], "stop", matched)
+                self.kept[b] = self._tokens_for(b, cut)
             elif token in self.eos_ids:
                 self._finish(b, text, "stop", None)
             elif last_step:
@@ -379,8 +403,17 @@ class _TextTracker:
                 self.emitted[b] = safe
         return deltas
 
+    def _tokens_for(self, b: int, cut: int) -> int:
+        """The fewest leading tokens of row ``b`` whose text reaches ``cut`` characters."""
+        ids = self.token_ids[b]
+        n = len(ids)
+        while n > 0 and len(self.tokenizer.decode(ids[: n - 1], skip_special_tokens=True)) >= cut:  # type: ignore[attr-defined]
+            n -= 1
+        return n
+
     def _finish(self, b: int, text: str, reason: str, matched: str | None) -> None:
         self.done[b] = True
+        self.kept[b] = len(self.token_ids[b])
         self.newly_done.append(b)
         self.final_text[b] = text
         self.finish_reason[b] = reason

@@ -13,6 +13,7 @@ from typing import Any
 from mavis_lc.errors import ConfigurationError
 
 ARCHITECTURES = ("shared_q_head", "separate_backbone")
+SELECTION_METRICS = ("within_prompt_r2", "sibling_corr", "val_mse")
 
 # Fields that change where or how fast a run computes, never what it computes.
 _RUNTIME_FIELDS = frozenset({"device", "rollout_cache_dir", "reward_batch_size"})
@@ -70,11 +71,22 @@ class TrainingConfig:
     top_k: int = field(default=20, metadata={"help": "Candidate next tokens per step, in rollouts and in the tilt."})
     temperature: float = field(default=1.0, metadata={"help": "Base-model temperature T of the rollouts."})
     beta: float = field(
-        default=1.0, metadata={"help": "Guidance strength of the previous head when sampling iterations >= 1."}
+        default=1.0,
+        metadata={
+            "help": "The beta you will decode with: iterations >= 1 sample from the previous head at this guidance "
+            "strength, and the soft targets price KL in its units (zeta = 1/beta). Recorded with every version."
+        },
     )
-    zeta: float = field(
-        default=0.1,
-        metadata={"help": "KL penalty per nat of future log(pi/pi_ref) in the soft targets of iterations >= 1."},
+    zeta: float | None = field(
+        default=None,
+        metadata={
+            "help": "KL penalty per nat of future log(pi/pi_ref^k) in the soft targets of iterations >= 1; "
+            "default 1/beta (soft policy improvement at the decoding beta)."
+        },
+    )
+    min_response_tokens: int = field(
+        default=1,
+        metadata={"help": "Rollouts ban EOS until a response has this many tokens (1: no empty answers; 0: allow)."},
     )
     architecture: str = field(
         default="shared_q_head",
@@ -111,7 +123,17 @@ class TrainingConfig:
     val_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of prompts held out for validation (split by prompt)."}
     )
-    patience: int = field(default=3, metadata={"help": "Stop after this many epochs without a better validation MSE."})
+    patience: int = field(
+        default=3, metadata={"help": "Stop after this many epochs without a better selection metric."}
+    )
+    selection_metric: str = field(
+        default="within_prompt_r2",
+        metadata={
+            "help": "Validation metric that picks the best epoch: within_prompt_r2 (R² of Q within each prompt), "
+            "sibling_corr (correlation of Q differences between sibling actions with their Monte Carlo "
+            "differences) or val_mse (pooled)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of trees, segment lengths, the validation split and the fit."})
     reward_batch_size: int = field(default=64, metadata={"help": "Leaves scored per reward-function call."})
     device: str | None = field(default=None, metadata={"help": "auto, cpu, cuda or cuda:N; default MAVIS_DEVICE."})
@@ -161,9 +183,23 @@ class TrainingConfig:
         for name in ("temperature", "learning_rate", "bias_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("beta", "zeta", "weight_decay"):
+        for name in ("beta", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.zeta is not None and not self.zeta >= 0:
+            raise ConfigurationError(f"zeta must be >= 0 or None (1/beta), got {self.zeta!r}")
+        if self.zeta is None and self.n_iterations > 1 and not self.beta > 0:
+            raise ConfigurationError(
+                f"beta {self.beta!r} leaves zeta = 1/beta undefined for iterations >= 1: give beta > 0 or set zeta"
+            )
+        if isinstance(self.min_response_tokens, bool) or not isinstance(self.min_response_tokens, int):
+            raise ConfigurationError(f"min_response_tokens must be an integer >= 0, got {self.min_response_tokens!r}")
+        if self.min_response_tokens < 0:
+            raise ConfigurationError(f"min_response_tokens must be an integer >= 0, got {self.min_response_tokens!r}")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ConfigurationError(
+                f"selection_metric {self.selection_metric!r} is not allowed; allowed: {', '.join(SELECTION_METRICS)}"
+            )
         if not 0 <= self.val_fraction < 1:
             raise ConfigurationError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.architecture not in ARCHITECTURES:
@@ -178,8 +214,19 @@ class TrainingConfig:
         if self.value_mode not in ("q_head", "scalar"):
             raise ConfigurationError(f"value_mode {self.value_mode!r} is not allowed; allowed: q_head, scalar")
 
+    @property
+    def effective_zeta(self) -> float:
+        """The soft targets' KL penalty: ``zeta``, or 1/beta when it is None (inf at beta 0)."""
+        if self.zeta is not None:
+            return self.zeta
+        return 1.0 / self.beta if self.beta > 0 else float("inf")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict, ``zeta`` resolved (what a version records)."""
+        data = asdict(self)
+        if self.zeta is None and self.beta > 0:
+            data["zeta"] = self.effective_zeta
+        return data
 
     def fingerprint(self, exclude: frozenset[str] = frozenset()) -> str:
         """sha256 of the fields that determine the result (runtime-only fields and ``exclude`` left out)."""

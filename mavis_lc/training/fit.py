@@ -11,10 +11,12 @@ AdamW in minibatches.
   so every example counts once, as for the shared head.
 
 Validation holds out whole prompts (`split_prompts`), so no tree contributes to both sides.
-After every epoch the validation MSE is measured; the best epoch's weights are kept and
-training stops after ``patience`` epochs without improvement. Metrics, on the validation
-tokens: ``val_mse``, ``r2`` (1 - MSE / variance of the targets) and ``spearman`` (rank
-correlation of predictions and Monte Carlo targets).
+After every epoch the validation metrics are measured; the epoch best on
+``config.selection_metric`` (default ``within_prompt_r2``: the tilt only uses differences of Q
+within a state, see `mavis_lc.training.metrics`) is kept, and training stops after
+``patience`` epochs without improvement. Metrics, on the validation tokens: ``val_mse``,
+``r2`` (1 - MSE / variance of the targets) and ``spearman`` (rank correlation of predictions
+and Monte Carlo targets), pooled over prompts, and the within-state metrics of `StateMetrics`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import TrainingCancelled
 from mavis_lc.separate_backbone import SeparateBackboneValueModel
 from mavis_lc.training.config import TrainingConfig
+from mavis_lc.training.metrics import StateMetrics
 from mavis_lc.training.rollouts import TreeRollouts
 from mavis_lc.value_model import SharedBackboneQHead
 
@@ -99,6 +102,7 @@ def fit_shared_head(
     is_val = held_out[rollouts.node_prompt[rollouts.token_node()]].to(device)  # (T,)
     train_idx = torch.nonzero(~is_val).squeeze(1)
     val_idx = torch.nonzero(is_val).squeeze(1)
+    measured = held_out if val_idx.numel() else ~held_out
 
     def predict(idx: torch.Tensor) -> torch.Tensor:
         return head.q_values(features[idx], actions[idx, None]).squeeze(1)  # (n,)
@@ -109,12 +113,13 @@ def fit_shared_head(
 
     def evaluate(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            return torch.cat([predict(b) for b in idx.split(4096)]).cpu(), targets[idx].cpu()
+            return idx.cpu(), torch.cat([predict(b) for b in idx.split(4096)]).cpu()
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         return nn.functional.mse_loss(predict(batch), targets[batch])
 
-    return _train(head, batches, loss_of, train_idx, val_idx, evaluate, config, progress, should_cancel)
+    states = StateMetrics(rollouts, token_target, measured)
+    return _train(head, batches, loss_of, train_idx, val_idx, evaluate, states, config, progress, should_cancel)
 
 
 def fit_shared_head_averaged(
@@ -178,12 +183,13 @@ def fit_separate_backbone(
     held_out = split_prompts(len(rollouts.prompts), config.val_fraction, config.seed)
     train_paths = torch.tensor([i for i, p in enumerate(paths) if not held_out[p.prompt]], dtype=torch.long)
     val_paths = torch.tensor([i for i, p in enumerate(paths) if held_out[p.prompt]], dtype=torch.long)
+    measured = torch.tensor(held_out) if val_paths.numel() else ~torch.tensor(held_out, dtype=torch.bool)
     pad_id = int(base.tokenizer.pad_token_id)
     device = base.device
     targets = token_target.float()
 
     def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions and targets of the supervised tokens of paths ``batch``, each (n,)."""
+        """Rollout token indices and predictions of the supervised tokens of paths ``batch``, each (n,)."""
         chosen = [paths[i] for i in batch.tolist()]
         width = max(len(p.input_ids) for p in chosen)
         ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
@@ -198,7 +204,7 @@ def fit_separate_backbone(
             supervised[row, first : first + len(path.tokens)] = torch.tensor(path.supervised)
             token_index[row, first : first + len(path.tokens)] = torch.tensor(path.tokens)
         q = model.sequence_q(ids.to(device), mask.to(device))  # (B, width-1)
-        return q[supervised.to(device)].float(), targets[token_index[supervised]].to(device)
+        return token_index[supervised], q[supervised.to(device)].float()
 
     def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
         yield from train_paths[torch.randperm(train_paths.numel(), generator=generator)].split(
@@ -209,14 +215,16 @@ def fit_separate_backbone(
         with torch.no_grad():
             outs = [forward(b) for b in idx.split(config.sequence_batch_size)]
         if not outs:
-            return torch.zeros(0), torch.zeros(0)
-        return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]).cpu()
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        prediction, target = forward(batch)
+        index, prediction = forward(batch)
+        target = targets[index].to(prediction.device)
         return nn.functional.mse_loss(prediction, target) if target.numel() else prediction.sum() * 0.0
 
-    return _train(model, batches, loss_of, train_paths, val_paths, evaluate, config, progress, should_cancel)
+    states = StateMetrics(rollouts, token_target, measured)
+    return _train(model, batches, loss_of, train_paths, val_paths, evaluate, states, config, progress, should_cancel)
 
 
 def _train(
@@ -226,20 +234,37 @@ def _train(
     train_idx: torch.Tensor,
     val_idx: torch.Tensor,
     evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    states: StateMetrics,
     config: TrainingConfig,
     progress: FitProgress | None,
     should_cancel: Callable[[], bool] | None,
 ) -> FitResult:
-    """The shared loop: AdamW epochs over minibatches, early stopping on validation MSE.
+    """The shared loop: AdamW epochs over minibatches, the epoch best on ``config.selection_metric`` kept.
 
-    With no validation examples, selection and metrics use the training examples.
+    ``evaluate(idx)`` gives the rollout token indices and predictions of examples ``idx``. With
+    no validation examples, selection and metrics use the training examples.
     """
     optimizer = torch.optim.AdamW(
         _param_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     generator = torch.Generator().manual_seed(config.seed)
     select_on = val_idx if val_idx.numel() else train_idx
-    best_mse, best_state, best_epoch, stale = math.inf, copy.deepcopy(model.state_dict()), 0, 0
+    targets = states.token_target
+
+    def measure() -> dict[str, float]:
+        index, prediction = evaluate(select_on)
+        pooled = regression_metrics(prediction, targets[index])
+        within = states(index, prediction)
+        return {"val_mse": pooled["mse"], "r2": pooled["r2"], "spearman": pooled["spearman"], **within}
+
+    def rank(metrics: dict[str, float]) -> tuple[bool, float, float]:
+        """Higher is better: a finite selection metric first, then it, then the pooled MSE."""
+        value = metrics[config.selection_metric]
+        value = -value if config.selection_metric == "val_mse" else value
+        return (math.isfinite(value), value if math.isfinite(value) else 0.0, -metrics["val_mse"])
+
+    best_metrics: dict[str, float] | None = None
+    best_state, best_epoch, stale = copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
     model.train()
     for epoch in range(1, config.epochs + 1):
@@ -254,25 +279,22 @@ def _train(
             total += float(loss.detach()) * batch.numel()
             count += batch.numel()
         model.eval()
-        scores = regression_metrics(*evaluate(select_on))
+        scores = measure()
         model.train()
-        row = {"epoch": float(epoch), "train_loss": total / max(count, 1), "val_mse": scores["mse"]}
+        row = {"epoch": float(epoch), "train_loss": total / max(count, 1), **scores}
         history.append(row)
         if progress is not None:
             progress(epoch, config.epochs, row)
-        if scores["mse"] < best_mse:
-            best_mse, best_state, best_epoch, stale = scores["mse"], copy.deepcopy(model.state_dict()), epoch, 0
+        if best_metrics is None or rank(scores) > rank(best_metrics):
+            best_metrics, best_state, best_epoch, stale = scores, copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
             if stale >= config.patience:
                 break
     model.load_state_dict(best_state)
     model.eval()
-    final = regression_metrics(*evaluate(select_on))
     metrics = {
-        "val_mse": final["mse"],
-        "r2": final["r2"],
-        "spearman": final["spearman"],
+        **(best_metrics if best_metrics is not None else measure()),
         "train_loss": history[best_epoch - 1]["train_loss"] if best_epoch else math.nan,
         "best_epoch": float(best_epoch),
         "epochs_run": float(len(history)),

@@ -14,8 +14,12 @@ planned layer samples on until EOS or until its response (root to node) has that
 so leaves are whole responses, scored as a user would see them.
 
 Sampling is MAVIS with the given heads at weight 1 (no heads: plain top-k sampling from
-pi_ref), and each token records ``log pi(a|s) - log pi_ref_T(a|s)`` and the base's hidden
-state h(s) the step read, so the shared-backbone fit needs no second forward.
+pi_ref), and each token records ``log pi(a|s) - log pi_ref_T(a|s)`` (full-vocabulary
+reference), ``log Z_k(s)``, the log of the base's probability mass on the step's top-k (so
+``log pi - log pi_ref^k = log_ratio + log_z_k``, the ratio the soft targets use), and the base's
+hidden state h(s) the step read, so the shared-backbone fit needs no second forward. EOS is
+banned until a response has ``min_response_tokens`` tokens (default 1: no empty answers);
+the log-ratios stay against the unconstrained base.
 
 Batching: the trees of ``rollout_prompts_per_batch`` prompts are sampled together on one KV
 cache, one row per node being sampled, and the rows never wait for each other: when a node's
@@ -24,8 +28,9 @@ copies the row's cache into theirs) and they read its last token, so every row o
 forward samples a real token. The KV cache is never recomputed.
 
 Determinism and sharding: every tree draws its plan from a generator seeded with
-``(seed, prompt index)`` and every node samples with its own generator seeded with
-``(seed, prompt index, node index)``, where the prompt index is global. Batches are aligned
+``(seed, iteration, prompt index)`` and every node samples with its own generator seeded with
+``(seed, iteration, prompt index, node index)``, where the prompt index is global (so the
+iterations of one run draw fresh randomness). Batches are aligned
 to multiples of ``rollout_prompts_per_batch``, so a shard starting at such a multiple runs
 exactly the batches an unsharded run does, and `merge_rollouts` of the shards equals it.
 """
@@ -73,7 +78,13 @@ class TreeRollouts:
     node_eos: torch.Tensor  # (N,) bool: the segment ended with EOS
     tokens: torch.Tensor  # (T,) long: sampled token ids
     log_ratio: torch.Tensor  # (T,) float32: log pi(a_t|s_t) - log pi_ref_T(a_t|s_t)
+    log_z_k: torch.Tensor  # (T,) float32: log of pi_ref_T's mass on the top-k candidates of s_t (<= 0)
     hidden: torch.Tensor  # (T, d) float32: base final hidden state h(s_t) before each token
+
+    @property
+    def log_ratio_topk(self) -> torch.Tensor:
+        """(T,) ``log pi(a_t|s_t) - log pi_ref^k(a_t|s_t)``, against the base renormalised over its top-k."""
+        return self.log_ratio + self.log_z_k
 
     @property
     def n_nodes(self) -> int:
@@ -119,10 +130,15 @@ class TreeRollouts:
             meta = json.loads(header["__metadata__"][_META_KEY])
         except (ValueError, KeyError) as exc:
             raise ModelLoadError(f"{path} is not a rollout file: {exc}") from exc
+        missing = sorted(set(_TENSORS) - set(tensors))
+        if missing:
+            raise ModelLoadError(f"{path} is a rollout file of an older format (no {', '.join(missing)}): sample again")
         return cls(first_prompt=int(meta["first_prompt"]), prompts=list(meta["prompts"]), **tensors)
 
 
-_TENSORS = ("node_prompt", "node_parent", "node_start", "node_length", "node_eos", "tokens", "log_ratio", "hidden")
+_TENSORS = (
+    "node_prompt", "node_parent", "node_start", "node_length", "node_eos", "tokens", "log_ratio", "log_z_k", "hidden",
+)  # fmt: skip
 
 
 def merge_rollouts(parts: Sequence[TreeRollouts]) -> TreeRollouts:
@@ -168,6 +184,7 @@ def sample_trees(
     *,
     heads: Sequence[ValueModel] = (),
     first_prompt: int = 0,
+    iteration: int = 0,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> TreeRollouts:
@@ -180,6 +197,7 @@ def sample_trees(
             ``rollout_prompts_per_batch``.
         heads: value models to sample MAVIS(pi_ref, heads) with, each at weight 1; none: pi_ref.
         first_prompt: global index of ``prompts[0]``; a multiple of ``rollout_prompts_per_batch``.
+        iteration: the training iteration, part of every random seed.
         progress: called with (prompts done, prompts) after every batch.
         should_cancel: polled before every decoding step.
 
@@ -197,7 +215,7 @@ def sample_trees(
     parts: list[TreeRollouts] = []
     for start in range(0, len(prompts), size):
         batch = list(prompts[start : start + size])
-        parts.append(_sample_batch(base, batch, first_prompt + start, config, heads, should_cancel))
+        parts.append(_sample_batch(base, batch, first_prompt + start, iteration, config, heads, should_cancel))
         if progress is not None:
             progress(start + len(batch), len(prompts))
     return merge_rollouts(parts)
@@ -258,6 +276,7 @@ def _sample_batch(
     base: BaseModel,
     prompts: list[str],
     first_prompt: int,
+    iteration: int,
     config: TrainingConfig,
     heads: Sequence[ValueModel],
     should_cancel: Callable[[], bool] | None,
@@ -266,8 +285,10 @@ def _sample_batch(
     enc = base.tokenizer(prompts, padding=True, return_tensors="pt")
     input_ids = enc["input_ids"].to(device)  # (G, P)
     attention_mask = enc["attention_mask"].to(device)  # (G, P)
-    longest_tree = max(config.segment_max_tokens * config.n_layers, config.leaf_completion_tokens)
-    if input_ids.shape[1] + min(longest_tree, config.t_max_tokens) > base.max_context:
+    # The layers' segments share the t_max_tokens budget; leaf completion lies outside it.
+    layers = min(config.segment_max_tokens * config.n_layers, config.t_max_tokens)
+    longest_path = max(layers, config.leaf_completion_tokens)
+    if input_ids.shape[1] + longest_path > base.max_context:
         raise ConfigurationError(
             f"prompts of up to {input_ids.shape[1]} tokens leave no room for trees in a context of {base.max_context}"
         )
@@ -277,11 +298,14 @@ def _sample_batch(
         head.begin(input_ids, attention_mask)
     lm_head = base.model.get_output_embeddings()
     eos = torch.tensor(base.eos_token_ids, device=device, dtype=torch.long)
-    plans = [_plan_tree(random.Random(f"tree:{config.seed}:{first_prompt + t}"), config) for t in range(len(prompts))]
+    plans = [
+        _plan_tree(random.Random(f"tree:{config.seed}:{iteration}:{first_prompt + t}"), config)
+        for t in range(len(prompts))
+    ]
     offsets = list(itertools.accumulate((len(plan.parent) for plan in plans), initial=0))  # global node ids
 
     def new_row(t: int, node: int) -> tuple[int, int, torch.Generator]:
-        seed = _node_seed(config.seed, first_prompt + t, node)
+        seed = _node_seed(config.seed, iteration, first_prompt + t, node)
         return t, node, torch.Generator(device=device).manual_seed(seed)
 
     rows: list[tuple[int, int, torch.Generator]] = []  # (tree, node, its generator) held by each batch row
@@ -292,15 +316,19 @@ def _sample_batch(
             source.append(t)
     _select(state, heads, torch.tensor(source, device=device))
     count = torch.zeros(len(rows), dtype=torch.long, device=device)  # (R,) tokens each row's node has sampled
+    depth = torch.zeros(len(rows), dtype=torch.long, device=device)  # (R,) response tokens before each row's node
+    no_eos = torch.ones(1, base.vocab_size, dtype=torch.bool, device=device)  # (1, V)
+    no_eos[:, eos] = False
     ended_with_eos: set[int] = set()
-    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     while rows:
         if should_cancel is not None and should_cancel():
             raise TrainingCancelled("rollouts cancelled")
         node_id = torch.tensor([offsets[t] + n for t, n, _ in rows], device=device)  # (R,)
         planned = torch.tensor([plans[t].length[n] for t, n, _ in rows], device=device)  # (R,)
         hidden = state.hidden  # (R, d) h(s) of every row
-        tokens, log_ratio = _sample_step(
+        short = (depth + count < config.min_response_tokens)[:, None]  # (R, 1) EOS still banned
+        tokens, log_ratio, log_z_k = _sample_step(
             lm_head(hidden),
             hidden,
             heads,
@@ -308,8 +336,9 @@ def _sample_batch(
             top_k=config.top_k,
             temperature=config.temperature,
             generators=[g for _, _, g in rows],
-        )  # (R,), (R,)
-        records.append((node_id, tokens, log_ratio, hidden))
+            allowed=no_eos | ~short if bool(short.any()) else None,
+        )  # (R,), (R,), (R,)
+        records.append((node_id, tokens, log_ratio, log_z_k, hidden))
         count += 1
         hit_eos = torch.isin(tokens, eos)  # (R,)
         done = hit_eos | (count >= planned)  # (R,)
@@ -331,6 +360,7 @@ def _sample_batch(
             if not next_rows:
                 break  # nothing samples after these tokens: they need no forward
             index = torch.tensor(source, device=device)  # (R',)
+            depth = torch.where(done, depth + count, depth)[index]  # (R',) children start below their parent
             count = torch.where(done, 0, count)[index]  # (R',) children start at 0
             tokens = tokens[index]  # (R',) every row reads its source row's last token
             rows = next_rows
@@ -358,7 +388,8 @@ def _sample_step(
     top_k: int,
     temperature: float,
     generators: Sequence[torch.Generator],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One rollout step: `mavis_step`'s pi with every head at weight 1, sampled from each row's generator.
 
     The distribution is exactly `mavis_step`'s; the randomness differs: the exponential race
@@ -368,13 +399,18 @@ def _sample_step(
     Args:
         logits: base next-token logits, (R, V); hidden: base hidden states, (R, d).
         generators: one per row.
+        allowed: (R, V) or (1, V) bool, the tokens the top-k is taken among (None: all).
 
     Returns:
-        The sampled tokens (R,) and their ``log pi(a|s) - log pi_ref_T(a|s)`` (R,).
+        The sampled tokens (R,), their ``log pi(a|s) - log pi_ref_T(a|s)`` against the
+        unconstrained base (R,), and ``log Z_k(s)``, the log of the base's mass on the
+        candidates (R,).
     """
     ref_logits = logits.float() / temperature  # (R, V) pi_ref at temperature T
-    log_normaliser = torch.logsumexp(ref_logits, dim=-1, keepdim=True)  # (R, 1)
-    topk_logits, candidates = ref_logits.topk(top_k, dim=-1)  # (R, k), (R, k)
+    log_normaliser = torch.logsumexp(ref_logits, dim=-1)  # (R,)
+    legal_logits = ref_logits if allowed is None else ref_logits.masked_fill(~allowed, float("-inf"))  # (R, V)
+    topk_logits, candidates = legal_logits.topk(top_k, dim=-1)  # (R, k), (R, k)
+    log_z_k = torch.logsumexp(topk_logits, dim=-1) - log_normaliser  # (R,)
     tilt = torch.zeros_like(topk_logits)  # (R, k)
     for head in heads:
         tilt += beta * head.q_values(hidden, candidates).float()
@@ -382,8 +418,8 @@ def _sample_step(
     noise = torch.stack([torch.empty(top_k, device=logits.device).exponential_(generator=g) for g in generators])
     choice = (log_probs.exp() / noise).argmax(dim=-1, keepdim=True)  # (R, 1) the exponential race
     tokens = candidates.gather(1, choice).squeeze(1)  # (R,)
-    ref_log_prob = (topk_logits.gather(1, choice) - log_normaliser).squeeze(1)  # (R,)
-    return tokens, log_probs.gather(1, choice).squeeze(1) - ref_log_prob
+    ref_log_prob = topk_logits.gather(1, choice).squeeze(1) - log_normaliser  # (R,)
+    return tokens, log_probs.gather(1, choice).squeeze(1) - ref_log_prob, log_z_k
 
 
 def _flatten(
@@ -391,11 +427,11 @@ def _flatten(
     prompts: list[str],
     first_prompt: int,
     offsets: list[int],
-    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
     ended_with_eos: set[int],
     hidden_size: int,
 ) -> TreeRollouts:
-    """Gather the per-step records (node id, token, log-ratio, hidden state of every row) into trees.
+    """Gather the per-step records (node id, token, log-ratio, log Z_k, hidden state of every row) into trees.
 
     Nodes keep their planned (breadth-first) order, so parents come before children; a node
     is stored when it sampled at least one token (roots always).
@@ -406,10 +442,11 @@ def _flatten(
         node_id = node_id[order]
         tokens = torch.cat([r[1] for r in records]).cpu()[order]
         log_ratio = torch.cat([r[2] for r in records]).float().cpu()[order]
-        hidden = torch.cat([r[3] for r in records]).float().cpu()[order]
+        log_z_k = torch.cat([r[3] for r in records]).float().cpu()[order]
+        hidden = torch.cat([r[4] for r in records]).float().cpu()[order]
     else:
         node_id = tokens = torch.zeros(0, dtype=torch.long)
-        log_ratio = torch.zeros(0)
+        log_ratio = log_z_k = torch.zeros(0)
         hidden = torch.zeros(0, hidden_size)
     length = torch.bincount(node_id, minlength=offsets[-1] if offsets else 0).tolist()
     stored: dict[int, int] = {}  # global node id -> index among the stored nodes
@@ -436,10 +473,11 @@ def _flatten(
         node_eos=torch.tensor([g in ended_with_eos for g in stored], dtype=torch.bool),
         tokens=tokens,
         log_ratio=log_ratio,
+        log_z_k=log_z_k,
         hidden=hidden,
     )
 
 
-def _node_seed(seed: int, prompt_index: int, node_index: int) -> int:
-    digest = hashlib.sha256(f"node:{seed}:{prompt_index}:{node_index}".encode()).digest()
+def _node_seed(seed: int, iteration: int, prompt_index: int, node_index: int) -> int:
+    digest = hashlib.sha256(f"node:{seed}:{iteration}:{prompt_index}:{node_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1

@@ -49,8 +49,9 @@ ProgressCallback = Callable[[str, int, int, int, dict[str, float]], None]
 
 _ROLLOUT_FIELDS = (
     "k_root", "k_children", "n_layers", "segment_min_tokens", "segment_max_tokens", "t_max_tokens",
-    "leaf_completion_tokens", "rollout_prompts_per_batch", "top_k", "temperature", "seed",
+    "leaf_completion_tokens", "rollout_prompts_per_batch", "top_k", "temperature", "seed", "min_response_tokens",
 )  # fmt: skip
+_ROLLOUT_FORMAT = 2  # 2: log Z_k per token, the iteration in every seed
 
 
 @dataclass
@@ -150,6 +151,7 @@ def train_objective(
                     prompts,
                     config,
                     heads=heads,
+                    iteration=iteration,
                     progress=report("rollouts", iteration),
                     should_cancel=should_cancel,
                 )
@@ -218,6 +220,7 @@ def rollout_cache_path(config: TrainingConfig, base: BaseModel, prompts: list[st
         {
             "base": [base.model_id, base.fingerprint, str(base.dtype)],
             "prompts": prompts_key,
+            "format": _ROLLOUT_FORMAT,
             **{name: getattr(config, name) for name in _ROLLOUT_FIELDS},
         }
     )
@@ -263,7 +266,7 @@ def _targets_stage(
     )
     mean, std = stats if stats is not None else reward_stats(leaf_reward)
     targets = compute_targets(
-        rollouts, leaf_reward, reward_mean=mean, reward_std=std, zeta=config.zeta if iteration > 0 else 0.0
+        rollouts, leaf_reward, reward_mean=mean, reward_std=std, zeta=config.effective_zeta if iteration > 0 else 0.0
     )
     # The statistics go first: a targets file is only trusted with its .json beside it.
     write_atomic(
@@ -325,20 +328,27 @@ def _fit(
 
 
 def _rollout_stats(rollouts: TreeRollouts, targets: TreeTargets) -> dict[str, float]:
-    """Tokens, leaves, mean raw leaf reward and mean per-leaf KL estimate (sum of log-ratios on its path)."""
+    """Tokens, leaves, mean raw leaf reward, the leaves' mean KL estimates (sums of log-ratios on
+    their paths, against the full and the top-k base), response length and EOS rate."""
     leaves = rollouts.leaves()
-    path_kl = torch.zeros(rollouts.n_nodes, dtype=torch.float64)
-    segment_kl = torch.zeros(rollouts.n_nodes, dtype=torch.float64).index_add_(
-        0, rollouts.token_node(), rollouts.log_ratio.double()
-    )
-    for node in range(rollouts.n_nodes):  # parents come before children
-        parent = int(rollouts.node_parent[node])
-        path_kl[node] = segment_kl[node] + (path_kl[parent] if parent >= 0 else 0.0)
+    token_node = rollouts.token_node()
+
+    def path_sums(per_token: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(rollouts.n_nodes, dtype=torch.float64).index_add_(0, token_node, per_token.double())
+        for node in range(rollouts.n_nodes):  # parents come before children
+            parent = int(rollouts.node_parent[node])
+            if parent >= 0:
+                total[node] += total[parent]
+        return total[leaves]
+
     return {
         "rollout_tokens": float(rollouts.tokens.numel()),
         "leaves": float(leaves.numel()),
         "mean_reward": float(targets.leaf_reward[leaves].mean()),
-        "mean_kl": float(path_kl[leaves].mean()),
+        "mean_kl": float(path_sums(rollouts.log_ratio).mean()),
+        "mean_kl_topk": float(path_sums(rollouts.log_ratio_topk).mean()),
+        "mean_leaf_tokens": float(path_sums(torch.ones_like(rollouts.log_ratio)).mean()),
+        "leaf_eos_rate": float(rollouts.node_eos[leaves].double().mean()),
     }
 
 

@@ -7,8 +7,13 @@ Definitions (N nodes, T tokens of a `TreeRollouts`):
   without special tokens.
 - Normalisation: ``r_l = (R_l - mean) / std`` with mean and std of the iteration-0 leaf rewards
   (std floored at `MIN_REWARD_STD`); later iterations reuse them, so Q keeps its units.
-- Node value, with ``zeta >= 0`` and ``g_u`` the sum of the log-ratios ``log(pi/pi_ref)`` of
-  node u's own segment tokens::
+- Log-ratios are against the top-k base: ``l_t = log pi(a_t|s_t) - log pi_ref^k(a_t|s_t)``,
+  where ``pi_ref^k`` is the base renormalised over the step's top-k (the distribution MAVIS
+  tilts). The full-vocabulary ratio would add ``-log Z_k`` (the top-k cut, about 0.17 nats per
+  token on SmolLM2 at k = 20) to every future token, a cost that no tilt can avoid except by
+  ending the response: a hidden length bonus. Plain top-k sampling has ``l_t = 0``.
+- Node value, with ``zeta >= 0`` (1/beta by default: pi_{i+1} ∝ pi_ref^k · exp(beta · Q_soft))
+  and ``g_u`` the sum of the log-ratios ``l_t`` of node u's own segment tokens::
 
       V(leaf) = r_leaf
       V(u)    = mean over children c of ( V(c) - zeta * g_c )
@@ -104,12 +109,13 @@ def compute_targets(
 
     Args:
         leaf_reward: (N,) raw rewards, finite at every leaf (other entries ignored).
-        zeta: KL penalty per nat of future log-ratio; 0 gives the hard (iteration-0) targets.
+        zeta: KL penalty per nat of future log-ratio (against pi_ref^k); 0 gives the hard
+            (iteration-0) targets.
     """
     parent = rollouts.node_parent.tolist()
     start = rollouts.node_start.tolist()
     length = rollouts.node_length.tolist()
-    log_ratio = rollouts.log_ratio.double()
+    log_ratio = rollouts.log_ratio_topk.double()
     segment_sum = [float(log_ratio[s : s + n].sum()) for s, n in zip(start, length, strict=True)]
     child_sum = [0.0] * len(parent)
     child_count = [0] * len(parent)

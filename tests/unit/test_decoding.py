@@ -214,7 +214,7 @@ def test_seed_none_gives_fresh_samples_and_fixed_seeds_repeat(base: BaseModel) -
     [
         ({"top_k": 0}, DecodingParameterError, "top_k"),
         ({"top_k": 10_000}, DecodingParameterError, "top_k"),
-        ({"temperature": 0.0}, DecodingParameterError, "temperature"),
+        ({"temperature": -1.0}, DecodingParameterError, "temperature"),
         ({"temperature": float("nan")}, DecodingParameterError, "temperature"),
         ({"max_new_tokens": 0}, DecodingParameterError, "max_new_tokens"),
         ({"max_new_tokens": 10_000}, DecodingParameterError, "context 1024"),
@@ -228,9 +228,94 @@ def test_bad_decoding_parameters_are_typed_errors(base: BaseModel, kwargs: dict,
         MavisDecoder(base).generate(["hi"], None, DecodeConfig(**kwargs))
 
 
-def test_greedy_ignores_temperature_check(base: BaseModel) -> None:
-    g = MavisDecoder(base).generate(["hi"], None, DecodeConfig(do_sample=False, temperature=0.0, max_new_tokens=3))
-    assert len(g) == 1
+def test_temperature_zero_is_greedy_on_logits_plus_tilt(base: BaseModel) -> None:
+    head = random_head(base, "positivity", 8, 0.5)
+    decoder = MavisDecoder(base, [head])
+    at_zero = DecodeConfig(temperature=0.0, max_new_tokens=8, top_k=10, beta=2.0)
+    at_one = DecodeConfig(temperature=1.0, do_sample=False, max_new_tokens=8, top_k=10, beta=2.0)
+    for prompt in PROMPTS[:2]:
+        greedy = decoder.generate([prompt], {"positivity": 1.0}, at_zero)[0]
+        assert greedy.token_ids == decoder.generate([prompt], {"positivity": 1.0}, at_one)[0].token_ids
+        assert all(map(lambda x: x == x and abs(x) != float("inf"), (greedy.kl, greedy.kl_topk)))
+    # The first step by hand: the argmax of the top-k logits plus the tilt.
+    ids = base.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = base.model(ids, output_hidden_states=True)
+    logits, hidden = out.logits[0, -1], out.hidden_states[-1][0, -1]
+    top = logits.topk(10)
+    q = head.q_values(hidden[None], top.indices[None])[0]
+    one_step = DecodeConfig(**{**at_zero.__dict__, "max_new_tokens": 1})
+    first = decoder.generate([PROMPTS[0]], {"positivity": 1.0}, one_step)
+    assert first[0].token_ids == [int(top.indices[(top.values + 2.0 * q).argmax()])]
+
+
+def test_kl_topk_is_zero_for_plain_sampling_and_kl_counts_the_cut(base: BaseModel) -> None:
+    decoder = MavisDecoder(base, [random_head(base, "positivity", 3)])
+    cfg = DecodeConfig(max_new_tokens=10, top_k=5, seed=1, beta=2.0)
+    plain = decoder.generate([PROMPTS[0]], {"positivity": 0.0}, cfg)[0]
+    assert plain.kl_topk == pytest.approx(0.0, abs=1e-5) and plain.kl > 0.1
+    steered = decoder.generate([PROMPTS[0]], {"positivity": 1.0}, cfg)[0]
+    assert steered.kl_topk != pytest.approx(0.0, abs=1e-3)
+    assert steered.info()["kl_topk"] == steered.kl_topk
+
+
+def test_kl_with_min_new_tokens_is_against_the_unconstrained_base(base: BaseModel) -> None:
+    # EOS is made the most likely token; banning it must not move the reference of the KL.
+    logits = torch.randn(2, base.vocab_size, generator=torch.Generator().manual_seed(0))
+    eos = base.eos_token_ids[0]
+    logits[:, eos] = 10.0
+    allowed = torch.ones(2, base.vocab_size, dtype=torch.bool)
+    allowed[:, eos] = False
+    out = mavis_step(
+        logits, torch.zeros(2, base.hidden_size), [], torch.zeros(2, 0),
+        beta=0.0, top_k=6, temperature=1.0, generators=None, allowed=allowed,
+    )  # fmt: skip
+    assert eos not in out.candidates.tolist()[0]
+    full = torch.log_softmax(logits, -1).gather(1, out.tokens[:, None]).squeeze(1)
+    legal_top = logits.masked_fill(~allowed, float("-inf")).topk(6).values  # (2, 6)
+    log_pi = legal_top[:, 0] - torch.logsumexp(legal_top, -1)
+    torch.testing.assert_close(out.log_ratio, log_pi - full)
+    torch.testing.assert_close(out.log_ratio_topk, torch.zeros(2), atol=1e-6, rtol=0)
+    # In the decoder: with EOS banned at step 1, the first token's KL is the same as without the ban
+    # whenever the same token is drawn; plain sampling has kl_topk 0 either way.
+    decoder = MavisDecoder(base, [eos_head(base)])
+    cfg = DecodeConfig(max_new_tokens=3, top_k=8, seed=0, min_new_tokens=3)
+    g = decoder.generate([PROMPTS[0]], {"brevity": 0.0}, cfg)[0]
+    ids = base.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    expected = 0.0
+    for token in g.token_ids:
+        with torch.no_grad():
+            step_logits = base.model(ids).logits[0, -1]
+        legal = step_logits.clone()
+        legal[base.eos_token_ids] = float("-inf")
+        top = legal.topk(8).values
+        position = int((legal.topk(8).indices == token).nonzero())
+        expected += float(top[position] - torch.logsumexp(top, -1) - torch.log_softmax(step_logits, -1)[token])
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert g.kl == pytest.approx(expected, abs=1e-4)
+    assert g.kl_topk == pytest.approx(0.0, abs=1e-5)
+
+
+def test_tokens_past_a_stop_string_cut_count_in_no_statistic(base: BaseModel) -> None:
+    decoder = MavisDecoder(base, [random_head(base, "positivity", 2, 0.3)])
+    cfg = DecodeConfig(max_new_tokens=30, top_k=8, seed=9, beta=1.0)
+    free = decoder.generate([PROMPTS[2]], {"positivity": 1.0}, cfg)[0]
+    tok = base.tokenizer
+    pieces = [tok.decode(free.token_ids[:n], skip_special_tokens=True) for n in range(len(free.token_ids) + 1)]
+    # A stop string made of the text of tokens 6..7 (distinct from all text before it).
+    stop = pieces[8][len(pieces[6]) :]
+    assert stop and stop not in pieces[6] + stop[:-1]
+    stopped = decoder.generate([PROMPTS[2]], {"positivity": 1.0}, DecodeConfig(**{**cfg.__dict__, "stop": (stop,)}))[0]
+    cut = pieces[8].index(stop)
+    kept = next(n for n in range(len(pieces)) if len(pieces[n]) >= cut)
+    assert stopped.text == pieces[8][:cut]
+    assert stopped.completion_tokens == kept < 8
+    assert stopped.token_ids == free.token_ids[:kept]
+    as_long = DecodeConfig(**{**cfg.__dict__, "max_new_tokens": kept})
+    prefix = decoder.generate([PROMPTS[2]], {"positivity": 1.0}, as_long)[0]
+    assert stopped.kl == pytest.approx(prefix.kl, abs=1e-5)
+    assert stopped.kl_topk == pytest.approx(prefix.kl_topk, abs=1e-5)
+    assert stopped.mean_tilt["positivity"] == pytest.approx(prefix.mean_tilt["positivity"], abs=1e-5)
 
 
 @pytest.mark.parametrize(

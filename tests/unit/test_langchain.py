@@ -242,7 +242,7 @@ async def test_lcel_chains(mode: str, llm: MavisLLM, chat: ChatMavis) -> None:
         ({"weights": {"positivity": -1.0}}, InvalidWeightError),
         ({"weights": {"positivity": float("nan")}}, InvalidWeightError),
         ({"top_k": 0}, DecodingParameterError),
-        ({"temperature": 0.0}, DecodingParameterError),
+        ({"temperature": -0.5}, DecodingParameterError),
         ({"max_tokens": 0}, DecodingParameterError),
         ({"max_tokens": 100_000}, DecodingParameterError),
         ({"frobnicate": 1}, DecodingParameterError),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -70,6 +71,25 @@ def test_fit_keeps_the_best_epoch_and_stops_early(base: BaseModel) -> None:
     best = int(result.metrics["best_epoch"])
     assert len(result.history) <= best + 2
     assert result.metrics["val_mse"] == pytest.approx(result.history[best - 1]["val_mse"], rel=1e-5)
+
+
+@pytest.mark.parametrize(("metric", "better"), [("within_prompt_r2", max), ("sibling_corr", max), ("val_mse", min)])
+def test_fit_selects_the_epoch_best_on_the_selection_metric(base: BaseModel, metric: str, better: Any) -> None:
+    rollouts, target = tree_data(base)
+    config = replace(CONFIG, learning_rate=0.3, epochs=6, patience=6, selection_metric=metric)
+    result = fit_shared_head(new_shared_head(base, "obj"), rollouts, target, config)
+    values = [row[metric] for row in result.history]
+    assert result.metrics[metric] == better(values)
+    assert result.metrics["best_epoch"] == values.index(better(values)) + 1
+    assert {"within_prompt_r2", "sibling_corr", "sibling_sign_agreement", "sibling_noise_ceiling"} <= set(
+        result.metrics
+    )
+    assert result.metrics["sibling_pairs"] > 0
+
+
+def test_selection_metric_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="selection_metric 'r3' is not allowed; allowed: within_prompt_r2"):
+        replace(CONFIG, selection_metric="r3").validate()
 
 
 def test_fit_polls_cancellation(base: BaseModel) -> None:

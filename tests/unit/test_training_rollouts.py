@@ -35,7 +35,8 @@ def prompts(base: BaseModel) -> list[str]:
 
 def assert_same(a: TreeRollouts, b: TreeRollouts) -> None:
     assert a.prompts == b.prompts and a.first_prompt == b.first_prompt
-    for name in ("node_prompt", "node_parent", "node_start", "node_length", "node_eos", "tokens", "log_ratio"):
+    names = ("node_prompt", "node_parent", "node_start", "node_length", "node_eos", "tokens", "log_ratio", "log_z_k")
+    for name in names:
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert torch.equal(a.hidden, b.hidden)
 
@@ -166,16 +167,18 @@ def test_rollout_step_samples_what_mavis_step_would(base: BaseModel) -> None:
     settings: dict[str, Any] = {"beta": 0.7, "top_k": 5, "temperature": 0.8}
     expected = mavis_step(logits, hidden, [head], torch.ones(6, 1), **settings, generators=None)
     rngs = [torch.Generator().manual_seed(i) for i in range(6)]
-    tokens, log_ratio = _sample_step(logits, hidden, [head], **settings, generators=rngs)
+    tokens, log_ratio, log_z_k = _sample_step(logits, hidden, [head], **settings, generators=rngs)
     is_token = expected.candidates == tokens[:, None]  # (6, 5)
     assert bool(is_token.any(1).all())
     log_pi = expected.probs[is_token].log()  # (6,)
     log_ref = torch.log_softmax(logits / 0.8, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(log_ratio, log_pi - log_ref)
+    log_ref_k = torch.log_softmax(torch.gather(logits / 0.8, 1, expected.candidates), dim=-1)[is_token]  # (6,)
+    torch.testing.assert_close(log_ratio + log_z_k, log_pi - log_ref_k)
     # Many rows in one state: the sampled frequencies are pi's.
     n = 4000
     many = [torch.Generator().manual_seed(i) for i in range(n)]
-    tokens, _ = _sample_step(logits[:1].expand(n, -1), hidden[:1].expand(n, -1), [head], **settings, generators=many)
+    tokens, _, _ = _sample_step(logits[:1].expand(n, -1), hidden[:1].expand(n, -1), [head], **settings, generators=many)
     frequency = (expected.candidates[0][:, None] == tokens[None, :]).double().mean(1)  # (5,)
     torch.testing.assert_close(frequency, expected.probs[0].double(), atol=0.03, rtol=0)
 
@@ -199,3 +202,35 @@ def test_leaf_completion_samples_leaves_to_whole_responses(base: BaseModel) -> N
     assert rollouts.n_nodes == plain.n_nodes  # the tree shape is the same; only the leaves grow
     with pytest.raises(ConfigurationError, match="leaf_completion_tokens"):
         replace(config, leaf_completion_tokens=-1).validate()
+
+
+def test_eos_is_banned_at_the_first_response_token_by_default(base: BaseModel) -> None:
+    # A head that makes EOS by far the best candidate, with every token a candidate.
+    head = new_shared_head(base, "brevity")
+    with torch.no_grad():
+        head.token_bias[base.eos_token_ids[0]] = 100.0
+    config = replace(CONFIG, k_root=2, n_layers=1, segment_min_tokens=3, segment_max_tokens=3, top_k=base.vocab_size)
+    texts = prompts(base)[:2]
+    rollouts = sample_trees(base, texts, config, heads=[head])
+    eos = set(base.eos_token_ids)
+    for node in rollouts.leaves().tolist():
+        path = rollouts.response_tokens(node)
+        assert path[0] not in eos and path[1] in eos  # banned first, then taken at once
+    allowed = sample_trees(base, texts, replace(config, min_response_tokens=0), heads=[head])
+    assert all(allowed.response_tokens(n)[0] in eos for n in allowed.leaves().tolist())
+    longer = sample_trees(base, texts, replace(config, min_response_tokens=2), heads=[head])
+    assert all(len(longer.response_tokens(n)) == 3 for n in longer.leaves().tolist())
+
+
+def test_iterations_draw_fresh_randomness(base: BaseModel) -> None:
+    first = sample_trees(base, prompts(base)[:2], CONFIG, iteration=0)
+    assert_same(first, sample_trees(base, prompts(base)[:2], CONFIG, iteration=0))
+    second = sample_trees(base, prompts(base)[:2], CONFIG, iteration=1)
+    assert not torch.equal(first.node_length, second.node_length) or not torch.equal(first.tokens, second.tokens)
+
+
+def test_context_check_counts_leaf_completion_beyond_the_budget(base: BaseModel) -> None:
+    # Leaves complete to 1020 tokens whatever t_max_tokens says: with the prompt that overflows 1024.
+    config = replace(CONFIG, t_max_tokens=10, leaf_completion_tokens=1020)
+    with pytest.raises(ConfigurationError, match="no room"):
+        sample_trees(base, prompts(base)[:1], config)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mavis_lc.base_model import load_base_model
-from mavis_lc.errors import RewardError, TrainingCancelled
+from mavis_lc.errors import ConfigurationError, RewardError, TrainingCancelled
 from mavis_lc.training import TrainingConfig, first_human_turn, load_prompts, train_objective
 from mavis_lc.value_model import SharedBackboneQHead, load_value_model, read_head_config
 
@@ -66,6 +66,23 @@ def test_two_iterations_produce_loadable_heads(config: TrainingConfig, tmp_path:
     assert not progress.resumed()
     # Iteration 1 samples from MAVIS(pi_ref, head 0): its log-ratios are no longer those of top-k alone.
     assert result.iterations[1].metrics["mean_kl"] != result.iterations[0].metrics["mean_kl"]
+    assert result.iterations[0].metrics["mean_kl_topk"] == pytest.approx(0.0, abs=1e-4)
+    assert result.iterations[1].metrics["mean_kl_topk"] > 0
+    assert result.iterations[0].metrics["mean_kl"] > 0  # the top-k cut alone
+    # The version records the rollout beta and the zeta it implies.
+    assert (result.params["beta"], result.params["zeta"]) == (1.0, 1.0)
+    assert json.loads((tmp_path / "job" / "targets-1.json").read_text())["zeta"] == 1.0
+    assert json.loads((tmp_path / "job" / "targets-0.json").read_text())["zeta"] == 0.0
+
+
+def test_zeta_defaults_to_one_over_beta() -> None:
+    assert TrainingConfig(beta=4.0).effective_zeta == 0.25
+    assert TrainingConfig(beta=4.0, zeta=0.1).effective_zeta == 0.1
+    assert TrainingConfig(beta=4.0).to_dict()["zeta"] == 0.25
+    with pytest.raises(ConfigurationError, match=r"beta 0\.0 leaves zeta = 1/beta undefined"):
+        TrainingConfig(beta=0.0, n_iterations=2).validate()
+    TrainingConfig(beta=0.0, n_iterations=1).validate()
+    TrainingConfig(beta=0.0, zeta=0.5, n_iterations=2).validate()
 
 
 def test_rerun_resumes_and_other_objectives_reuse_iteration_0_rollouts(config: TrainingConfig, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ def hand_tree() -> TreeRollouts:
         node_eos=torch.tensor([False, False, True, False, False]),
         tokens=torch.tensor([10, 11, 12, 13, 14, 15]),
         log_ratio=torch.tensor([0.1, 0.2, 0.3, 0.5, 0.25, 1.0]),
+        log_z_k=torch.zeros(6),
         hidden=torch.zeros(6, 4),
     )
 
@@ -63,6 +64,32 @@ def test_hand_built_tree_soft_targets_count_only_future_log_ratios() -> None:
     via_c = 2.0 - 0.5 * (0.2 + 0.5 + 0.25)
     via_d = 0.0 - 0.5 * (0.2 + 1.0)
     assert float(targets.token_target[0]) == pytest.approx((via_c + via_d) / 2, abs=1e-6)
+
+
+def test_soft_targets_use_the_ratio_to_the_top_k_base() -> None:
+    # log pi - log pi_ref^k = log_ratio + log Z_k: the top-k cut (log Z_k < 0) is not a cost.
+    tree = hand_tree()
+    cut = torch.tensor([-0.1, -0.2, -0.3, -0.5, -0.25, -1.0])
+    with_cut = TreeRollouts(**{**vars(tree), "log_z_k": cut})
+    torch.testing.assert_close(with_cut.log_ratio_topk, torch.zeros(6))
+    soft = compute_targets(with_cut, LEAF_REWARD, reward_mean=1.0, reward_std=2.0, zeta=0.5)
+    hard = compute_targets(tree, LEAF_REWARD, reward_mean=1.0, reward_std=2.0, zeta=0.0)
+    torch.testing.assert_close(soft.token_target, hard.token_target)
+
+
+def test_plain_top_k_rollouts_carry_no_length_bonus(tiny_model_dir: Path) -> None:
+    # Sampled from pi_ref^k itself, every log-ratio to it is 0, so soft targets equal hard ones
+    # at any zeta; against the full vocabulary each future token would cost -log Z_k > 0.
+    base = load_base_model(str(tiny_model_dir))
+    config = TrainingConfig(k_root=2, k_children=2, n_layers=2, segment_min_tokens=2, segment_max_tokens=3, top_k=4)
+    rollouts = sample_trees(base, ["<a>", "<b>"], config)
+    assert float(rollouts.log_ratio_topk.abs().max()) < 1e-5
+    assert float(rollouts.log_z_k.max()) < 0 and float(rollouts.log_ratio.min()) > 0
+    rewards = torch.where(torch.isin(torch.arange(rollouts.n_nodes), rollouts.leaves()), 1.0, math.nan).double()
+    rewards[rollouts.leaves()] = torch.arange(rollouts.leaves().numel()).double()
+    soft = compute_targets(rollouts, rewards, reward_mean=0.0, reward_std=1.0, zeta=1.0)
+    hard = compute_targets(rollouts, rewards, reward_mean=0.0, reward_std=1.0, zeta=0.0)
+    torch.testing.assert_close(soft.token_target, hard.token_target, atol=1e-4, rtol=0)
 
 
 def test_reward_stats_ignore_non_leaves_and_floor_std() -> None:
