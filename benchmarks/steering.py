@@ -9,8 +9,9 @@ folders under --workdir make a rerun resume instead of retrain), then decode the
 - ``<objective> it<i>``: that objective at weight 1 with the iteration-i head, same seeds.
 
 and print, per objective and iteration: the mean reward and its gain over base in units of
-the base rewards' standard deviation, with a 95% confidence interval of the paired
-differences (same prompt, same seed); the other objective's reward; the KL from the base;
+the base rewards' standard deviation, with a 95% cluster-bootstrap interval over prompts of the
+paired differences (same prompt, same seed); the other objective's reward; the KL from the base
+(full distribution) and from its top-k (what the steering costs);
 and whether iteration 1 beats iteration 0 at the same beta. The base rows of the two decodes
 must agree exactly (they are the same seeds with zero weights), which is checked.
 
@@ -28,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mavis_lc.evaluation import mean_ci
+from mavis_lc.bootstrap import mean_ci
 from mavis_lc.langchain import ChatMavis
 from mavis_lc.objectives import get_objective
 from mavis_lc.training import TrainingConfig, TrainingResult, load_prompts, train_objective
@@ -75,6 +76,7 @@ def main() -> None:
         segment_min_tokens=4,
         segment_max_tokens=10,
         leaf_completion_tokens=args.max_tokens,
+        beta=args.beta,
         rollout_cache_dir=str(workdir / "rollouts"),
     )
     results: dict[str, TrainingResult] = {}
@@ -91,9 +93,11 @@ def main() -> None:
     settings = [{names[0]: 0.0, names[1]: 0.0}, {names[0]: 1.0, names[1]: 0.0}, {names[0]: 0.0, names[1]: 1.0}]
     rewards: dict[tuple[int, int], dict[str, list[float]]] = {}  # (iteration, setting) -> objective -> rewards
     kls: dict[tuple[int, int], list[float]] = {}
+    kls_topk: dict[tuple[int, int], list[float]] = {}
+    prompt_of = [i // args.seeds for i in range(len(rows))]
     for iteration in range(config.n_iterations):
         heads = [str(results[o].iterations[iteration].artifact_path) for o in args.objectives]
-        chat = ChatMavis(heads=heads, beta=args.beta, max_tokens=args.max_tokens, top_k=config.top_k)
+        chat = ChatMavis(heads=heads, beta=args.beta, max_tokens=args.max_tokens, min_tokens=1, top_k=config.top_k)
         inputs = [p for _ in settings for p, _ in rows]
         configs: Any = [{"configurable": {"weights": w, "seed": s}} for w in settings for _, s in rows]
         start = time.perf_counter()
@@ -106,14 +110,18 @@ def main() -> None:
         for k in range(len(settings)):
             rewards[iteration, k] = {o: scores[o][k * n : (k + 1) * n] for o in args.objectives}
             kls[iteration, k] = [float(m.response_metadata["kl"]) for m in messages[k * n : (k + 1) * n]]
+            kls_topk[iteration, k] = [float(m.response_metadata["kl_topk"]) for m in messages[k * n : (k + 1) * n]]
     if rewards[0, 0] != rewards[1, 0]:
         raise SystemExit("the zero-weight rows of the two decodes differ: base sampling is not reproducible")
 
     report: dict[str, Any] = {"args": vars(args), "objectives": {}}
     print(f"\n{len(eval_prompts)} held-out prompts x {args.seeds} seeds, beta {args.beta}, ", end="")
     print(f"max {args.max_tokens} tokens")
-    print("| steered | iteration | its reward (base) | gain in base SD [95% CI] | other objective | KL (base) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| steered | iteration | its reward (base) | gain in base SD [95% CI] | other objective | KL (base) "
+        "| KL top-k |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for k, objective in ((1, a), (2, b)):
         other = b if objective == a else a
         base = rewards[0, 0][objective]
@@ -121,36 +129,37 @@ def main() -> None:
         entry: dict[str, Any] = {"base_mean": statistics.fmean(base), "base_sd": sd, "iterations": []}
         for iteration in range(config.n_iterations):
             steered = rewards[iteration, k][objective]
-            gain, half = mean_ci([(x - y) / sd for x, y in zip(steered, base, strict=True)])
-            kl, kl_half = mean_ci(kls[iteration, k])
+            gain, low, high = mean_ci([(x - y) / sd for x, y in zip(steered, base, strict=True)], prompt_of)
+            kl, kl_low, kl_high = mean_ci(kls[iteration, k], prompt_of)
+            kl_topk = statistics.fmean(kls_topk[iteration, k])
             entry["iterations"].append(
                 {
                     "iteration": iteration,
                     "mean": statistics.fmean(steered),
                     "gain_sd": gain,
-                    "gain_ci95": half,
+                    "gain_ci": [low, high],
                     "other_mean": statistics.fmean(rewards[iteration, k][other]),
                     "kl": kl,
-                    "kl_ci95": kl_half,
+                    "kl_ci": [kl_low, kl_high],
+                    "kl_topk": kl_topk,
                 }
             )
             print(
                 f"| {objective} | {iteration} | {statistics.fmean(steered):+.3f} ({statistics.fmean(base):+.3f}) "
-                f"| {gain:+.2f} [{gain - half:+.2f}, {gain + half:+.2f}] "
+                f"| {gain:+.2f} [{low:+.2f}, {high:+.2f}] "
                 f"| {other} {statistics.fmean(rewards[iteration, k][other]):+.3f} "
                 f"({statistics.fmean(rewards[0, 0][other]):+.3f}) "
-                f"| {kl:.1f} ± {kl_half:.1f} ({statistics.fmean(kls[0, 0]):.1f}) |"
+                f"| {kl:.1f} [{kl_low:.1f}, {kl_high:.1f}] ({statistics.fmean(kls[0, 0]):.1f}) | {kl_topk:.1f} |"
             )
         s0, s1 = rewards[0, k][objective], rewards[1, k][objective]
-        diff, half = mean_ci([(x - y) / sd for x, y in zip(s1, s0, strict=True)])
-        entry["it1_minus_it0_sd"] = [diff, half]
+        entry["it1_minus_it0_sd"] = list(mean_ci([(x - y) / sd for x, y in zip(s1, s0, strict=True)], prompt_of))
         report["objectives"][objective] = entry
     for objective, entry in report["objectives"].items():
-        diff, half = entry["it1_minus_it0_sd"]
-        verdict = "beats" if diff - half > 0 else ("trails" if diff + half < 0 else "does not differ from")
+        diff, low, high = entry["it1_minus_it0_sd"]
+        verdict = "beats" if low > 0 else ("trails" if high < 0 else "does not differ from")
         print(
             f"{objective}: iteration 1 {verdict} iteration 0 at beta {args.beta}: "
-            f"{diff:+.2f} base SD [{diff - half:+.2f}, {diff + half:+.2f}]"
+            f"{diff:+.2f} base SD [{low:+.2f}, {high:+.2f}]"
         )
     out = workdir / f"steering-beta{args.beta:g}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -4,23 +4,33 @@
 
 - ``base``: plain top-k sampling of the base model (all weights 0), the reference of every gain;
 - ``mavis``: MAVIS decoding at every weight setting of a grid, same prompts and seeds;
-- ``best-of-N``: N plain samples per (prompt, seed), keeping the one with the highest weighted
-  sum of the objectives' true rewards, each normalised by the base rows' mean and standard
-  deviation, for every weight setting of the grid but the all-zero one. Candidate j of row
-  (prompt, seed s) is sampled with seed ``s * max(N) + j``, drawn once for the largest N; a
-  smaller N keeps the first N candidates, so best-of-2 and best-of-8 see the same samples;
-- ``reward-guided`` (with ``reward_guided=True``): token search in the style of ARGS, where
-  every step tilts the base's top-k candidates by the weighted, normalised true rewards of the
-  response so far plus each candidate (`RewardGuidedScorer`), at MAVIS's beta.
+- ``best-of-N`` (oracle-reward selection): N plain samples per (prompt, seed), keeping the one
+  with the highest weighted sum of the objectives' TRUE rewards, each normalised by the base
+  rows' mean and standard deviation, for every weight setting of the grid but the all-zero one.
+  Candidate j of row (prompt, seed s) is sampled with seed ``s * max(N) + j``, drawn once for
+  the largest N; a smaller N keeps the first N candidates, so best-of-2 and best-of-8 see the
+  same samples;
+- ``reward-guided`` (with ``reward_guided=True``; oracle rewards too): token search in the style
+  of ARGS, where every step tilts the base's top-k candidates by the weighted, normalised true
+  rewards of the response so far plus each candidate (`RewardGuidedScorer`), at MAVIS's beta.
 
-Every row reports the mean reward per objective with a normal 95% confidence interval, its gain
-in standard deviations of the base rewards, the KL from the base model (MAVIS: the decoder's
-per-response estimate against the base's full distribution; best-of-N: that estimate for the
-chosen sample plus log N - (N-1)/N, the bound on what the choice adds), and its cost: base-model
+Every method bans EOS at the first generated token (``min_tokens``, default 1: an empty answer
+is not a response). Every row reports, over the prompts x seeds, the mean reward per objective
+and its gain in standard deviations of the base rewards, the KL from the base model against its
+full distribution (``kl``) and against its top-k renormalised (``kl_topk``, what the steering
+itself costs: 0 for plain sampling; best-of-N adds ``log N - (N-1)/N``, the bound on what its
+choice adds, to both), the empty-response rate and mean response length, and its cost: base
 forward passes per generated token (1 for MAVIS, whose shared-backbone heads read the base's
 hidden states; N for best-of-N), true-reward calls per generated token (0 for MAVIS; k per
-objective for reward-guided search) and wall seconds per generated token. Each method's points give
-a hypervolume, all against one reference point (the worst mean reward of any row, per objective).
+objective for every unfinished row at every step of reward-guided search) and wall seconds per
+generated token.
+
+Statistics: 95% intervals come from a cluster bootstrap over prompts (`mavis_lc.bootstrap`: the
+seeds of one prompt are not independent samples), paired across rows, so a gain over the base
+and every MAVIS − baseline difference has an interval of its own. Each method family's points
+give a hypervolume above a fixed reference point, the base row minus one base standard deviation
+per objective, so adding a method never moves another's hypervolume; its interval comes from the
+same bootstrap with the reference held fixed.
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from mavis_lc import bootstrap
 from mavis_lc.base_model import BaseModel
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder
 from mavis_lc.engine import MavisEngine
@@ -74,6 +86,12 @@ class EvalSettings:
     texts with the true rewards), at every weight setting; for cheap rewards only."""
     chat_template: bool = True
     """Send each prompt as a user turn through the tokenizer's chat template."""
+    min_tokens: int = 1
+    """EOS is banned until a response has this many tokens (1: no empty answers; 0: allowed)."""
+    bootstrap_resamples: int = bootstrap.RESAMPLES
+    """Cluster-bootstrap replicates (over prompts) behind every interval."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap draws."""
 
     def check(self) -> None:
         if self.grid_steps < 2:
@@ -84,27 +102,74 @@ class EvalSettings:
             raise ConfigurationError(f"best_of values must be >= 2, got {list(self.best_of)}")
         if self.batch_size < 1:
             raise ConfigurationError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigurationError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.bootstrap_resamples < 100:
+            raise ConfigurationError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
+
+    def decode_config(self, beta: float | None = None) -> DecodeConfig:
+        """The decoding parameters every method of the evaluation shares."""
+        return DecodeConfig(
+            max_new_tokens=self.max_tokens,
+            min_new_tokens=self.min_tokens,
+            top_k=self.top_k,
+            beta=self.beta if beta is None else beta,
+        )
+
+
+Interval = tuple[float, float]
+"""A 95% interval (low, high)."""
 
 
 @dataclass
 class MethodRow:
-    """One method at one weight setting."""
+    """One method at one weight setting: means over prompts x seeds, 95% cluster-bootstrap intervals."""
 
     method: str
-    """``base``, ``mavis`` or ``best-of-N``."""
+    """``base``, ``mavis``, a variant's name, ``reward-guided`` or ``best-of-N``."""
+    oracle: bool
+    """The method reads the objectives' true rewards while choosing (best-of-N, reward-guided)."""
     weights: dict[str, float]
     reward: dict[str, float]
-    reward_ci95: dict[str, float]
+    reward_ci: dict[str, Interval]
     gain_sd: dict[str, float]
     """Mean reward minus the base's, in standard deviations of the base rewards."""
+    gain_ci: dict[str, Interval]
+    """The gain's interval, paired with the base row over the same resampled prompts."""
     kl: float
-    """Mean KL from the base model per response, nats (see `evaluate` for best-of-N)."""
+    """Mean KL from the base model per response against its full distribution, nats."""
+    kl_ci: Interval
+    kl_topk: float
+    """Mean KL per response against the base renormalised over its top-k (0 for plain sampling)."""
+    kl_topk_ci: Interval
+    empty_rate: float
+    """Fraction of responses that are empty (or only whitespace)."""
+    mean_tokens: float
+    """Mean response length in tokens."""
     forwards_per_token: float
     reward_calls_per_token: float
     """True-reward evaluations per generated token, all objectives counted (0 for MAVIS)."""
     seconds_per_token: float
     tokens: int
     n: int
+
+    @property
+    def label(self) -> str:
+        """The method's name, marked when it selects with the true rewards."""
+        return f"{self.method} (oracle reward)" if self.oracle else self.method
+
+
+@dataclass
+class Comparison:
+    """A steered family against a baseline family, paired over the same resampled prompts."""
+
+    family: str
+    baseline: str
+    hypervolume_diff: float
+    hypervolume_diff_ci: Interval
+    gain_diff: dict[str, float]
+    """Per objective: the family's gain at weight 1 on it alone minus the baseline's (base SD)."""
+    gain_diff_ci: dict[str, Interval]
 
 
 @dataclass
@@ -114,21 +179,29 @@ class EvalReport:
     n_prompts: int
     rows: list[MethodRow]
     reference: list[float]
-    """The hypervolume reference point: the worst mean reward of any row, per objective."""
+    """The hypervolume reference point: the base row's mean minus one base SD, per objective."""
     hypervolume: dict[str, float] = field(default_factory=dict)
     """Per method family (``mavis``, variants, ``best-of-N``), the base row counted in every family."""
+    hypervolume_ci: dict[str, Interval] = field(default_factory=dict)
+    comparisons: list[Comparison] = field(default_factory=list)
+    excluded_prompts: int = 0
+    """Evaluation prompts dropped because a head was trained on them."""
     calibration: BetaCalibration | None = None
     """How beta was chosen, when it was calibrated to a KL budget."""
 
     def family(self, name: str) -> list[MethodRow]:
         return [r for r in self.rows if r.method in (name, "base")]
 
-    def single_objective_gain(self, method: str, objective: str) -> float:
-        """The gain (base SD) on ``objective`` of ``method`` at weight 1 on it alone."""
+    def single_objective_row(self, method: str, objective: str) -> MethodRow:
+        """``method``'s row at weight 1 on ``objective`` alone."""
         for row in self.rows:
             if row.method == method and row.weights.get(objective) == 1.0:
-                return row.gain_sd[objective]
+                return row
         raise KeyError(f"no {method} row with {objective} at weight 1")
+
+    def single_objective_gain(self, method: str, objective: str) -> float:
+        """The gain (base SD) on ``objective`` of ``method`` at weight 1 on it alone."""
+        return self.single_objective_row(method, objective).gain_sd[objective]
 
 
 def weight_grid(objectives: Sequence[str], steps: int) -> list[dict[str, float]]:
@@ -163,8 +236,9 @@ class RewardGuidedScorer(ValueModel):
     reward of the response so far plus that token, normalised by ``mean`` and ``std``.
 
     It plugs into `MavisDecoder` as a value model, so the tilt, weights and beta work as for
-    MAVIS; each step scores all B x k candidate texts in one reward call. Set `prompts` (the raw
-    user turns of the batch's rows) before decoding; reward functions receive them.
+    MAVIS; each step scores the k candidate texts of every unfinished row in one reward call (a
+    row that has sampled EOS is finished; the evaluation uses no stop strings). Set `prompts`
+    (the raw user turns of the batch's rows) before decoding; reward functions receive them.
     """
 
     def __init__(self, base: BaseModel, objective: Objective, mean: float, std: float) -> None:
@@ -174,6 +248,7 @@ class RewardGuidedScorer(ValueModel):
         )
         self.reward = objective
         self.tokenizer = base.tokenizer
+        self.eos_ids = set(base.eos_token_ids)
         self.prompts: list[str] = []
         self.generated: list[list[int]] = []
         self.calls = 0
@@ -186,18 +261,23 @@ class RewardGuidedScorer(ValueModel):
 
     def advance(self, token_ids: torch.Tensor) -> None:
         for row, token in zip(self.generated, token_ids.tolist(), strict=True):
-            row.append(token)
+            if not row or row[-1] not in self.eos_ids:
+                row.append(token)
 
     def q_values(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
         rows, k = candidate_ids.shape
-        texts = self.tokenizer.batch_decode(
-            [[*row, a] for row, cands in zip(self.generated, candidate_ids.tolist(), strict=True) for a in cands],
-            skip_special_tokens=True,
-        )
-        scores = self.reward.score([p for p in self.prompts for _ in range(k)], texts)
-        self.calls += len(texts)
-        q = (torch.tensor(scores, dtype=torch.float32) - self.config.reward_mean) / self.config.reward_std
-        return q.view(rows, k).to(hidden.device)
+        active = [b for b, row in enumerate(self.generated) if not row or row[-1] not in self.eos_ids]
+        q = torch.zeros(rows, k)  # finished rows: their samples are discarded, so they are not scored
+        if active:
+            cands = candidate_ids.tolist()
+            texts = self.tokenizer.batch_decode(
+                [[*self.generated[b], a] for b in active for a in cands[b]], skip_special_tokens=True
+            )
+            scores = self.reward.score([self.prompts[b] for b in active for _ in range(k)], texts)
+            self.calls += len(texts)
+            normalised = (torch.tensor(scores, dtype=torch.float32) - self.config.reward_mean) / self.config.reward_std
+            q[active] = normalised.view(len(active), k)
+        return q.to(hidden.device)
 
 
 def evaluate(
@@ -227,7 +307,8 @@ def evaluate(
         raise ConfigurationError("evaluation needs at least one prompt")
     texts = format_prompts(engine.base.tokenizer, prompts, settings.chat_template)
     rows = [(p, s) for p in range(len(prompts)) for s in range(settings.seeds)]
-    config = DecodeConfig(max_new_tokens=settings.max_tokens, top_k=settings.top_k, beta=settings.beta)
+    row_prompt = [p for p, _ in rows]
+    config = settings.decode_config()
     report_progress = progress or (lambda label, done, total: None)
 
     variants = dict(variants or {})
@@ -266,9 +347,10 @@ def evaluate(
         return scores, time.perf_counter() - start
 
     def run(method: str, weights: dict[str, float], generations: Sequence[Generation], **cost: float) -> _Run:
-        scores, _ = score([p for p, _ in rows], generations)
-        kls = [g.kl for g in generations]
-        return _Run(method, weights, scores, kls, tokens=sum(g.completion_tokens for g in generations), **cost)
+        """A one-forward-per-token method's run; reward-guided search reads the true rewards."""
+        scores, _ = score(row_prompt, generations)
+        oracle = method == "reward-guided"
+        return _Run.of(method, weights, scores, generations, forwards=1.0, oracle=oracle, **cost)
 
     grid = weight_grid(objectives, settings.grid_steps)
     results: list[_Run] = []
@@ -277,9 +359,9 @@ def evaluate(
     for method, by, settings_of in sweeps:
         for weights in settings_of:
             generations, seconds = decode(f"{method} {weights_label(weights)}", weights, rows, by)
-            results.append(run(method, weights, generations, forwards=1.0, reward_calls=0.0, seconds=seconds))
+            results.append(run(method, weights, generations, reward_calls=0.0, seconds=seconds))
 
-    norm = {o: (statistics.fmean(v), _stdev(v)) for o, v in results[0].scores.items()}  # the base rows
+    norm = {o: (statistics.fmean(v), _stdev(v)) for o, v in results[0].values.items() if o in objectives}
     if settings.reward_guided:
         guides = [RewardGuidedScorer(engine.base, scorers[o], *norm[o]) for o in objectives]
         guided = MavisDecoder(engine.base, guides)
@@ -288,9 +370,7 @@ def evaluate(
             generations, seconds = decode(f"reward-guided {weights_label(weights)}", weights, rows, guided, guides)
             calls = sum(g.calls for g in guides) - calls_before
             tokens = max(sum(g.completion_tokens for g in generations), 1)
-            results.append(
-                run("reward-guided", weights, generations, forwards=1.0, reward_calls=calls / tokens, seconds=seconds)
-            )
+            results.append(run("reward-guided", weights, generations, reward_calls=calls / tokens, seconds=seconds))
     if settings.best_of:
         largest = max(settings.best_of)
         candidate_rows = [(p, s * largest + j) for p, s in rows for j in range(largest)]
@@ -301,27 +381,97 @@ def evaluate(
         utilities = [[sum(w[o] * z[o][c] for o in objectives) for c in range(len(candidates))] for w in grid[1:]]
         for n in sorted(settings.best_of):
             share = n / largest  # of the candidate decode and scoring time this N would spend
+            # KL of a best-of-n choice over its sampler is at most log n - (n-1)/n (Beirami et al.).
+            bound = math.log(n) - (n - 1) / n
             for weights, utility in zip(grid[1:], utilities, strict=True):
                 chosen = [max(range(r * largest, r * largest + n), key=utility.__getitem__) for r in range(len(rows))]
-                tokens = sum(candidates[c].completion_tokens for c in chosen)
-                # KL of a best-of-n choice over its sampler is at most log n - (n-1)/n (Beirami et al.).
-                bound = math.log(n) - (n - 1) / n
+                picked = [candidates[c] for c in chosen]
+                tokens = sum(g.completion_tokens for g in picked)
                 results.append(
-                    _Run(
+                    _Run.of(
                         f"best-of-{n}", weights, {o: [cand_scores[o][c] for c in chosen] for o in objectives},
-                        [candidates[c].kl + bound for c in chosen], forwards=float(n),
-                        reward_calls=n * len(objectives) * len(rows) / max(tokens, 1),
-                        seconds=(decode_s + score_s) * share, tokens=tokens,
+                        picked, forwards=float(n), reward_calls=n * len(objectives) * len(rows) / max(tokens, 1),
+                        seconds=(decode_s + score_s) * share, kl_bound=bound, oracle=True,
                     )
                 )  # fmt: skip
+    return _report(results, objectives, norm, row_prompt, len(prompts), settings, [*variants])
 
-    table = [r.row(norm, len(rows)) for r in results]
-    reference = [min(r.reward[o] for r in table) for o in objectives]
-    report = EvalReport(list(objectives), settings, len(prompts), table, reference)
-    families = ["mavis", *variants, *(["reward-guided"] if settings.reward_guided else [])]
-    for family in [*families, *(f"best-of-{n}" for n in sorted(settings.best_of))]:
-        points = [[r.reward[o] for o in objectives] for r in report.family(family)]
-        report.hypervolume[family] = hypervolume(points, reference)
+
+def _report(
+    results: list[_Run],
+    objectives: Sequence[str],
+    norm: Mapping[str, tuple[float, float]],
+    row_prompt: Sequence[int],
+    n_prompts: int,
+    settings: EvalSettings,
+    variants: Sequence[str],
+) -> EvalReport:
+    """Every row's statistics, the hypervolumes and the comparisons, all on one set of bootstrap draws."""
+    draws = bootstrap.resample_prompts(n_prompts, settings.bootstrap_resamples, settings.bootstrap_seed)
+    metrics = [*objectives, "kl", "kl_topk"]
+    # (runs, metrics, prompts) per-prompt means, then (runs, metrics, resamples) replicate means.
+    means = np.stack([[bootstrap.prompt_means(r.values[m], row_prompt, n_prompts) for m in metrics] for r in results])
+    replicates = means[:, :, draws].mean(axis=-1)
+    point = means.mean(axis=-1)  # (runs, metrics)
+    base_sd = np.array([norm[o][1] for o in objectives])
+    gain = (point[:, : len(objectives)] - point[:1, : len(objectives)]) / base_sd  # (runs, objectives)
+    gain_reps = (replicates[:, : len(objectives)] - replicates[:1, : len(objectives)]) / base_sd[:, None]
+    n_rows = len(row_prompt)
+
+    def ci(values: np.ndarray) -> Interval:
+        return bootstrap.interval(values) if n_prompts > 1 else (math.nan, math.nan)
+
+    table = []
+    for i, r in enumerate(results):
+        table.append(
+            MethodRow(
+                method=r.method, oracle=r.oracle, weights=dict(r.weights),
+                reward={o: float(point[i, j]) for j, o in enumerate(objectives)},
+                reward_ci={o: ci(replicates[i, j]) for j, o in enumerate(objectives)},
+                gain_sd={o: float(gain[i, j]) for j, o in enumerate(objectives)},
+                gain_ci={o: ci(gain_reps[i, j]) if i else (0.0, 0.0) for j, o in enumerate(objectives)},
+                kl=float(point[i, -2]), kl_ci=ci(replicates[i, -2]),
+                kl_topk=float(point[i, -1]), kl_topk_ci=ci(replicates[i, -1]),
+                empty_rate=statistics.fmean(r.values["empty"]), mean_tokens=statistics.fmean(r.values["tokens"]),
+                forwards_per_token=r.forwards, reward_calls_per_token=r.reward_calls,
+                seconds_per_token=r.seconds / max(r.tokens, 1), tokens=r.tokens, n=n_rows,
+            )
+        )  # fmt: skip
+    reference = [float(point[0, j] - base_sd[j]) for j in range(len(objectives))]
+    report = EvalReport(list(objectives), settings, n_prompts, table, reference)
+    steered = ["mavis", *variants]
+    baselines = [
+        *(["reward-guided"] if settings.reward_guided else []),
+        *(f"best-of-{n}" for n in sorted(settings.best_of)),
+    ]
+    volume_reps: dict[str, np.ndarray] = {}
+    for family in [*steered, *baselines]:
+        members = [i for i, r in enumerate(results) if r.method in (family, "base")]
+        report.hypervolume[family] = hypervolume(point[members, : len(objectives)].tolist(), reference)
+        volume_reps[family] = np.array(
+            [hypervolume(replicates[members, : len(objectives), b].tolist(), reference) for b in range(len(draws))]
+        )
+        report.hypervolume_ci[family] = ci(volume_reps[family])
+
+    def single(family: str, j: int) -> int:
+        return next(i for i, r in enumerate(results) if r.method == family and r.weights.get(objectives[j]) == 1.0)
+
+    for family in steered:
+        for baseline in baselines:
+            pairs = {o: (single(family, j), single(baseline, j)) for j, o in enumerate(objectives)}
+            columns = {o: j for j, o in enumerate(objectives)}
+            report.comparisons.append(
+                Comparison(
+                    family=family,
+                    baseline=baseline,
+                    hypervolume_diff=report.hypervolume[family] - report.hypervolume[baseline],
+                    hypervolume_diff_ci=ci(volume_reps[family] - volume_reps[baseline]),
+                    gain_diff={o: float(gain[a, columns[o]] - gain[b, columns[o]]) for o, (a, b) in pairs.items()},
+                    gain_diff_ci={
+                        o: ci(gain_reps[a, columns[o]] - gain_reps[b, columns[o]]) for o, (a, b) in pairs.items()
+                    },
+                )
+            )
     return report
 
 
@@ -368,8 +518,7 @@ def calibrate_beta(
     trials: list[tuple[float, float]] = []
 
     def mean_kl(beta: float) -> float:
-        config = DecodeConfig(max_new_tokens=settings.max_tokens, top_k=settings.top_k, beta=beta)
-        out = _generate_rows(engine, texts, rows, weights, config, settings.batch_size)
+        out = _generate_rows(engine, texts, rows, weights, settings.decode_config(beta), settings.batch_size)
         trials.append((beta, statistics.fmean(g.kl for g in out)))
         return trials[-1][1]
 
@@ -401,55 +550,84 @@ def write_report(report: EvalReport, folder: str | Path, *, title: str = "MAVIS 
     paths = {"csv": out / "results.csv", "json": out / "results.json", "markdown": out / "summary.md"}
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
-        stats = [f"{o}{suffix}" for o in objectives for suffix in ("", "_ci95", "_gain_sd")]
-        costs = ["kl", "forwards_per_token", "reward_calls_per_token", "seconds_per_token", "tokens", "n"]
-        writer.writerow(["method", *(f"w_{o}" for o in objectives), *stats, *costs])
+        stats = [
+            f"{o}{suffix}"
+            for o in objectives
+            for suffix in ("", "_low", "_high", "_gain_sd", "_gain_low", "_gain_high")
+        ]
+        costs = ["kl", "kl_low", "kl_high", "kl_topk", "kl_topk_low", "kl_topk_high", "empty_rate", "mean_tokens",
+                 "forwards_per_token", "reward_calls_per_token", "seconds_per_token", "tokens", "n"]  # fmt: skip
+        writer.writerow(["method", "oracle", *(f"w_{o}" for o in objectives), *stats, *costs])
         for r in report.rows:
             writer.writerow(
-                [r.method, *(r.weights[o] for o in objectives)]
-                + [v for o in objectives for v in (r.reward[o], r.reward_ci95[o], r.gain_sd[o])]
-                + [r.kl, r.forwards_per_token, r.reward_calls_per_token, r.seconds_per_token, r.tokens, r.n]
+                [r.method, r.oracle, *(r.weights[o] for o in objectives)]
+                + [v for o in objectives for v in (r.reward[o], *r.reward_ci[o], r.gain_sd[o], *r.gain_ci[o])]
+                + [r.kl, *r.kl_ci, r.kl_topk, *r.kl_topk_ci, r.empty_rate, r.mean_tokens]
+                + [r.forwards_per_token, r.reward_calls_per_token, r.seconds_per_token, r.tokens, r.n]
             )
     paths["json"].write_text(json.dumps(asdict(report), indent=2))
     paths["markdown"].write_text(summary_markdown(report))
     if len(objectives) >= 2:
         series: dict[str, list[FrontPoint]] = {}
+        x, y = objectives[:2]
         for r in report.rows:
             point = FrontPoint(
                 weights_label(r.weights) if r.method in ("base", "mavis") else "",
-                r.reward[objectives[0]],
-                r.reward[objectives[1]],
-                r.reward_ci95[objectives[0]],
-                r.reward_ci95[objectives[1]],
+                r.reward[x],
+                r.reward[y],
+                _half_width(r.reward_ci[x]),
+                _half_width(r.reward_ci[y]),
             )
-            series.setdefault(r.method, []).append(point)
-        x_label, y_label = (f"{o} reward" for o in objectives[:2])
-        paths["plot"] = save_fronts_plot(series, out / "pareto.png", title=title, x_label=x_label, y_label=y_label)
+            series.setdefault(r.label, []).append(point)
+        paths["plot"] = save_fronts_plot(
+            series, out / "pareto.png", title=title, x_label=f"{x} reward", y_label=f"{y} reward"
+        )
     return paths
 
 
+def _half_width(ci: Interval) -> float:
+    return (ci[1] - ci[0]) / 2
+
+
+def _ci(ci: Interval, digits: int = 2, sign: str = "+") -> str:
+    return f"[{ci[0]:{sign}.{digits}f}, {ci[1]:{sign}.{digits}f}]"
+
+
 def summary_markdown(report: EvalReport) -> str:
-    """The report as Markdown: the table of rows, then hypervolumes and single-objective gains."""
+    """The report as Markdown: the table of rows, then hypervolumes, single-objective gains and comparisons."""
     s, objectives = report.settings, report.objectives
     lines = [
         f"{report.n_prompts} prompts x {s.seeds} seeds, top-k {s.top_k}, MAVIS beta {s.beta:.3g}, "
-        f"max {s.max_tokens} tokens; mean (95% CI) and gain in base SD.",
+        f"max {s.max_tokens} tokens, EOS banned for the first {s.min_tokens}; mean [95% cluster-bootstrap "
+        f"interval over prompts, {s.bootstrap_resamples} resamples] and gain in base SD. KL in nats per response "
+        "against the full base (kl) and its top-k (kl_topk). Oracle rows select with the true rewards.",
+    ]
+    if report.excluded_prompts:
+        lines[0] += f" {report.excluded_prompts} evaluation prompts that heads were trained on were skipped."
+    lines += [
         "",
-        "| method | weights | " + " | ".join(objectives) + " | KL | base forwards / token | reward calls / token"
-        " | ms / token |",
-        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|",
+        "| method | weights | " + " | ".join(objectives) + " | kl | kl_topk | empty | tokens | base fwd / token"
+        " | reward calls / token | ms / token |",
+        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|---|---|---|",
     ]
     for r in report.rows:
-        cells = [f"{r.reward[o]:+.3f} ± {r.reward_ci95[o]:.3f} ({r.gain_sd[o]:+.2f} SD)" for o in objectives]
+        cells = [
+            f"{r.reward[o]:+.3f} {_ci(r.reward_ci[o], 3)} ({r.gain_sd[o]:+.2f} SD {_ci(r.gain_ci[o])})"
+            for o in objectives
+        ]
         lines.append(
-            f"| {r.method} | {weights_label(r.weights)} | "
+            f"| {r.label} | {weights_label(r.weights)} | "
             + " | ".join(cells)
-            + f" | {r.kl:.2f} | {r.forwards_per_token:g} | {r.reward_calls_per_token:.2f}"
-            + f" | {1000 * r.seconds_per_token:.1f} |"
+            + f" | {r.kl:.2f} {_ci(r.kl_ci, sign='')} | {r.kl_topk:.2f} {_ci(r.kl_topk_ci, sign='')}"
+            + f" | {100 * r.empty_rate:.1f}% | {r.mean_tokens:.1f} | {r.forwards_per_token:g}"
+            + f" | {r.reward_calls_per_token:.2f} | {1000 * r.seconds_per_token:.1f} |"
         )
     reference = ", ".join(f"{o} {v:+.3f}" for o, v in zip(objectives, report.reference, strict=True))
-    lines += ["", f"Hypervolume (reference point: {reference}):", ""]
-    lines += [f"- {family}: {volume:.4f}" for family, volume in report.hypervolume.items()]
+    lines += ["", f"Hypervolume (reference point: the base row minus one base SD, {reference}):", ""]
+    lines += [
+        f"- {family}: {volume:.4f} {_ci(report.hypervolume_ci[family], 4, '')}"
+        for family, volume in report.hypervolume.items()
+    ]
     if report.calibration is not None:
         c = report.calibration
         at = weights_label(c.weights)
@@ -457,8 +635,17 @@ def summary_markdown(report: EvalReport) -> str:
                   f"KL {c.kl:.2f} ({len(c.trials)} trials)"]  # fmt: skip
     lines += ["", "Gain at weight 1 on one objective alone (base SD):", ""]
     for family in report.hypervolume:
-        gains = ", ".join(f"{o} {report.single_objective_gain(family, o):+.2f}" for o in objectives)
+        rows = {o: report.single_objective_row(family, o) for o in objectives}
+        gains = ", ".join(f"{o} {row.gain_sd[o]:+.2f} {_ci(row.gain_ci[o])}" for o, row in rows.items())
         lines.append(f"- {family}: {gains}")
+    if report.comparisons:
+        lines += ["", "Steered minus baseline, paired over the same resampled prompts:", ""]
+        for d in report.comparisons:
+            gains = ", ".join(f"{o} gain {d.gain_diff[o]:+.2f} SD {_ci(d.gain_diff_ci[o])}" for o in objectives)
+            lines.append(
+                f"- {d.family} − {d.baseline}: hypervolume {d.hypervolume_diff:+.4f} "
+                f"{_ci(d.hypervolume_diff_ci, 4)}; {gains}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -488,38 +675,45 @@ def _generate_rows(
 
 @dataclass
 class _Run:
-    """One method at one weight setting, before its statistics: every row's rewards and KL."""
+    """One method at one weight setting, before its statistics: every row's values.
+
+    ``values`` holds, per row (in the order prompts x seeds), each objective's reward, ``kl``,
+    ``kl_topk``, ``tokens`` and ``empty`` (1.0 for an empty response).
+    """
 
     method: str
     weights: dict[str, float]
-    scores: dict[str, list[float]]
-    kls: list[float]
+    values: dict[str, list[float]]
     forwards: float
     reward_calls: float
     seconds: float
     tokens: int
+    oracle: bool = False
 
-    def row(self, norm: Mapping[str, tuple[float, float]], n: int) -> MethodRow:
-        stats = {o: mean_ci(v) for o, v in self.scores.items()}
-        return MethodRow(
-            method=self.method,
-            weights=dict(self.weights),
-            reward={o: m for o, (m, _) in stats.items()},
-            reward_ci95={o: h for o, (_, h) in stats.items()},
-            gain_sd={o: (stats[o][0] - norm[o][0]) / norm[o][1] for o in self.scores},
-            kl=statistics.fmean(self.kls),
-            forwards_per_token=self.forwards,
-            reward_calls_per_token=self.reward_calls,
-            seconds_per_token=self.seconds / max(self.tokens, 1),
-            tokens=self.tokens,
-            n=n,
-        )
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of a normal 95% confidence interval (NaN for one value)."""
-    mean = statistics.fmean(values)
-    return mean, (1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan)
+    @classmethod
+    def of(
+        cls,
+        method: str,
+        weights: dict[str, float],
+        scores: dict[str, list[float]],
+        generations: Sequence[Generation],
+        *,
+        forwards: float,
+        reward_calls: float,
+        seconds: float,
+        kl_bound: float = 0.0,
+        oracle: bool = False,
+    ) -> _Run:
+        """The run of ``generations`` scored ``scores``; ``kl_bound`` is added to both KLs (a selection's cost)."""
+        values = {
+            **scores,
+            "kl": [g.kl + kl_bound for g in generations],
+            "kl_topk": [g.kl_topk + kl_bound for g in generations],
+            "tokens": [float(g.completion_tokens) for g in generations],
+            "empty": [float(not g.text.strip()) for g in generations],
+        }
+        tokens = sum(g.completion_tokens for g in generations)
+        return cls(method, weights, values, forwards, reward_calls, seconds, tokens, oracle)
 
 
 def _stdev(values: Sequence[float]) -> float:

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mavis_lc.evaluation import mean_ci, weights_label
+from mavis_lc.bootstrap import mean_ci
+from mavis_lc.evaluation import weights_label
 from mavis_lc.langchain import ChatMavis
 from mavis_lc.objectives import get_objective
 from mavis_lc.plots import FrontPoint, save_fronts_plot
@@ -76,7 +77,9 @@ def make_plan(fast: bool) -> QuickstartPlan:
     """The sizes of a run: ``fast`` (iteration 0 only, a first look in under 3 minutes on 2 CPU
     cores) or the full run (iterations 0 and 1, under 15 minutes)."""
     n_train, max_tokens = (64, 40) if fast else (80, 48)
+    beta = 2.0  # the evaluation's; iteration 1 samples and prices KL at it
     training = TrainingConfig(
+        beta=beta,
         prompts=shipped_prompts("train")[:n_train],
         n_iterations=1 if fast else 2,
         k_root=4,
@@ -90,7 +93,7 @@ def make_plan(fast: bool) -> QuickstartPlan:
     )
     alias = "quickstart-fast" if fast else "quickstart"
     return QuickstartPlan(
-        alias, training, n_train, eval_prompts=8, beta=2.0, max_tokens=max_tokens, eval_seeds=2 if fast else 3
+        alias, training, n_train, eval_prompts=8, beta=beta, max_tokens=max_tokens, eval_seeds=2 if fast else 3
     )
 
 
@@ -172,7 +175,11 @@ def _train(config: TrainingConfig, out: Console) -> TrainingResult:
 def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir: Path, out: Console) -> dict[str, Any]:
     prompts = shipped_prompts("held_out")[: plan.eval_prompts]
     chat = ChatMavis(
-        heads=[f"{o}@{versions[o].version}" for o in OBJECTIVES], beta=plan.beta, max_tokens=plan.max_tokens, top_k=20
+        heads=[f"{o}@{versions[o].version}" for o in OBJECTIVES],
+        beta=plan.beta,
+        max_tokens=plan.max_tokens,
+        min_tokens=1,  # no empty answers, as in training and `mavis eval`
+        top_k=20,
     )
     chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | chat
     seeds = range(plan.eval_seeds)
@@ -189,6 +196,7 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
     messages = chain.batch(inputs, configs)
     responses = [str(m.content) for m in messages]
     kls = [float(m.response_metadata["kl"]) for m in messages]
+    kls_topk = [float(m.response_metadata["kl_topk"]) for m in messages]
     rewards = {o: get_objective(o).score([r["question"] for r in inputs], responses) for o in OBJECTIVES}
 
     shown = prompts[:SHOWN_PROMPTS]
@@ -210,39 +218,61 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
         )
     out.print(detail)
 
-    summary = Table(title=f"Mean over {len(prompts)} held-out prompts x {plan.eval_seeds} seeds (95% CI)")
-    for column in ("weights", *(f"{o} reward" for o in OBJECTIVES), "KL (nats)"):
+    summary = Table(
+        title=f"Mean over {len(prompts)} held-out prompts x {plan.eval_seeds} seeds [95% bootstrap CI over prompts]"
+    )
+    for column in ("weights", *(f"{o} reward" for o in OBJECTIVES), "KL (nats)", "KL top-k"):
         summary.add_column(column)
+    prompt_of = [p for p in range(len(prompts)) for _ in seeds]  # the prompt of each row of one setting
     per_setting: list[dict[str, Any]] = []
+    values: dict[str, list[list[float]]] = {o: [] for o in OBJECTIVES}
     for s, settings in enumerate(SETTINGS):
         idx = range(s * per_setting_n, (s + 1) * per_setting_n)
-        stats = {o: mean_ci([rewards[o][i] for i in idx]) for o in OBJECTIVES}
-        kl = mean_ci([kls[i] for i in idx])
-        per_setting.append({"weights": settings, **{o: stats[o] for o in OBJECTIVES}, "kl": kl})
+        for o in OBJECTIVES:
+            values[o].append([rewards[o][i] for i in idx])
+        stats = {o: mean_ci(values[o][-1], prompt_of) for o in OBJECTIVES}
+        kl = mean_ci([kls[i] for i in idx], prompt_of)
+        kl_topk = mean_ci([kls_topk[i] for i in idx], prompt_of)
+        per_setting.append({"weights": settings, **stats, "kl": kl, "kl_topk": kl_topk})
         summary.add_row(
-            weights_label(settings), *(f"{m:+.3f} ± {h:.3f}" for m, h in stats.values()), f"{kl[0]:.2f} ± {kl[1]:.2f}"
+            weights_label(settings),
+            *(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in stats.values()),
+            f"{kl[0]:.2f} [{kl[1]:.2f}, {kl[2]:.2f}]",
+            f"{kl_topk[0]:.2f} [{kl_topk[1]:.2f}, {kl_topk[2]:.2f}]",
         )
     out.print(summary)
     out.print(
         "KL is measured against the base model's full distribution, so the all-zero row (plain top-k "
-        "sampling) shows the cost of the top-k cut alone."
+        "sampling) shows the cost of the top-k cut alone; KL top-k, against the base renormalised over "
+        "its top-k, is what the steering itself costs."
     )
 
     checks = {}
+    zero = next(i for i, w in enumerate(SETTINGS) if not any(w.values()))
     for o in OBJECTIVES:
-        at_one = [p[o][0] for p in per_setting if p["weights"][o] == 1.0]
-        at_zero = [p[o][0] for p in per_setting if p["weights"][o] == 0.0 and sum(p["weights"].values()) == 0.0]
-        checks[o] = {"weight_1": at_one[0], "weight_0": at_zero[0], "higher": at_one[0] > at_zero[0]}
-        verdict = "[green]higher[/green]" if at_one[0] > at_zero[0] else "[red]not higher[/red]"
-        out.print(f"{o}: mean reward at weight 1 = {at_one[0]:+.3f} vs weight 0 (base) = {at_zero[0]:+.3f}: {verdict}")
+        one = next(i for i, w in enumerate(SETTINGS) if w[o] == 1.0)
+        gain, low, high = mean_ci([a - b for a, b in zip(values[o][one], values[o][zero], strict=True)], prompt_of)
+        checks[o] = {
+            "weight_1": per_setting[one][o][0],
+            "weight_0": per_setting[zero][o][0],
+            "gain": gain,
+            "gain_ci": [low, high],
+            "higher": gain > 0,
+            "ci_excludes_zero": low > 0,
+        }
+        verdict = "[green]higher[/green]" if low > 0 else "[yellow]not clearly higher[/yellow]"
+        out.print(
+            f"{o}: mean reward at weight 1 = {per_setting[one][o][0]:+.3f} vs weight 0 (base) = "
+            f"{per_setting[zero][o][0]:+.3f}, paired gain {gain:+.3f} [{low:+.3f}, {high:+.3f}]: {verdict}"
+        )
 
     points = [
         FrontPoint(
             weights_label(p["weights"]),
             p[OBJECTIVES[0]][0],
             p[OBJECTIVES[1]][0],
-            p[OBJECTIVES[0]][1],
-            p[OBJECTIVES[1]][1],
+            (p[OBJECTIVES[0]][2] - p[OBJECTIVES[0]][1]) / 2,
+            (p[OBJECTIVES[1]][2] - p[OBJECTIVES[1]][1]) / 2,
         )
         for p in per_setting
     ]

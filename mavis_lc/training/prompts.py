@@ -15,8 +15,12 @@ _HUMAN = "\n\nHuman: "
 _ASSISTANT = "\n\nAssistant:"
 
 
-def load_prompts(source: str | Path | Sequence[str], limit: int | None = None) -> list[str]:
+def load_prompts(source: str | Path | Sequence[str], limit: int | None = None, *, unique: bool = True) -> list[str]:
     """The prompts of ``source``, in file order, at most ``limit`` of them.
+
+    With ``unique`` (the default) a prompt whose text came earlier is skipped, so the first N
+    prompts of a file and the ones after them never share a text (HH-RLHF repeats some first
+    turns), and no prompt weighs twice in a training set or an evaluation.
 
     ``source`` is a list of strings, or a path to:
         ``*.jsonl`` / ``*.jsonl.gz``: one JSON object per line with a ``prompt`` or ``text``
@@ -37,6 +41,8 @@ def load_prompts(source: str | Path | Sequence[str], limit: int | None = None) -
         prompts = list(source)
         if any(not isinstance(p, str) for p in prompts):
             raise ConfigurationError("prompts must be strings")
+    if unique:
+        prompts = list(dict.fromkeys(prompts))
     prompts = prompts[:limit] if limit is not None else prompts
     if not prompts:
         raise ConfigurationError(f"no prompts in {source!r}")

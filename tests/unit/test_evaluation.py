@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from mavis_lc import bootstrap
 from mavis_lc.base_model import load_base_model
 from mavis_lc.cli import app
 from mavis_lc.decoding import DecodeConfig
@@ -77,9 +81,16 @@ def test_sweep_and_best_of_n(tiny_model_dir: Path, head_paths: list[str], tmp_pa
     assert base.weights == {"alpha": 0.0, "space": 0.0} and base.gain_sd == {"alpha": 0.0, "space": 0.0}
     # The base row is plain sampling with seeds 0, 1 for every prompt, scored by the true rewards.
     chat = format_prompts(engine.base.tokenizer, PROMPTS) * 2
-    texts = [g.text for g in engine.generate(chat, None, DecodeConfig(max_new_tokens=8), seeds=[0, 0, 0, 1, 1, 1])]
-    expected = letters([], texts)
+    plain = engine.generate(chat, None, DecodeConfig(max_new_tokens=8, min_new_tokens=1), seeds=[0, 0, 0, 1, 1, 1])
+    expected = letters([], [g.text for g in plain])
     assert base.reward["alpha"] == pytest.approx(sum(expected) / len(expected))
+    # Its interval is the cluster bootstrap over the 3 prompts (seeds of a prompt resampled together).
+    per_row = [expected[i] for i in (0, 3, 1, 4, 2, 5)]  # the decode above ran seed 0, then seed 1
+    assert tuple(base.reward_ci["alpha"]) == pytest.approx(bootstrap.mean_ci(per_row, [0, 0, 1, 1, 2, 2])[1:])
+    assert base.kl_topk == pytest.approx(0.0, abs=1e-4) and base.kl > 0
+    assert base.mean_tokens == pytest.approx(sum(g.completion_tokens for g in plain) / 6)
+    assert base.empty_rate == pytest.approx(sum(not g.text.strip() for g in plain) / 6)
+    assert not base.oracle and all(r.oracle for r in report.rows if r.method.startswith("best-of"))
 
     def row(method: str, alpha: float) -> MethodRow:
         return next(r for r in report.rows if r.method == method and r.weights["alpha"] == alpha)
@@ -90,12 +101,27 @@ def test_sweep_and_best_of_n(tiny_model_dir: Path, head_paths: list[str], tmp_pa
     assert row("best-of-4", 1.0).forwards_per_token == 4 and row("mavis", 1.0).forwards_per_token == 1
     assert all(r.tokens > 0 and r.seconds_per_token > 0 and r.n == 6 for r in report.rows)
     assert row("best-of-2", 1.0).kl > 0
+    # Best-of-N samples plain top-k: its kl_topk is the bound on what the choice adds.
+    assert row("best-of-4", 1.0).kl_topk == pytest.approx(math.log(4) - 3 / 4, abs=1e-4)
 
-    reference = [min(r.reward[o] for r in report.rows) for o in ("alpha", "space")]
-    assert report.reference == reference
+    # The reference is fixed by the base row alone: its mean minus one base SD.
+    sd = statistics.stdev(expected)
+    assert report.reference[0] == pytest.approx(base.reward["alpha"] - sd)
     mavis_points = [[r.reward["alpha"], r.reward["space"]] for r in report.rows if r.method in ("base", "mavis")]
-    assert report.hypervolume["mavis"] == pytest.approx(hypervolume(mavis_points, reference))
-    assert set(report.hypervolume) == {"mavis", "best-of-2", "best-of-4"}
+    assert report.hypervolume["mavis"] == pytest.approx(hypervolume(mavis_points, report.reference))
+    assert set(report.hypervolume) == set(report.hypervolume_ci) == {"mavis", "best-of-2", "best-of-4"}
+    # Paired differences: the point is the difference of the rows' points.
+    versus = next(c for c in report.comparisons if c.baseline == "best-of-4")
+    assert versus.family == "mavis" and [c.baseline for c in report.comparisons] == ["best-of-2", "best-of-4"]
+    assert versus.gain_diff["alpha"] == pytest.approx(
+        row("mavis", 1.0).gain_sd["alpha"] - row("best-of-4", 1.0).gain_sd["alpha"]
+    )
+    assert versus.hypervolume_diff == pytest.approx(report.hypervolume["mavis"] - report.hypervolume["best-of-4"])
+    low, high = versus.gain_diff_ci["alpha"]
+    assert low <= high
+    # Adding a method does not move the reference, so hypervolumes do not depend on what else ran.
+    alone = evaluate(engine, PROMPTS, replace(settings, best_of=()), rewards=REWARDS)
+    assert alone.reference == report.reference and alone.hypervolume["mavis"] == report.hypervolume["mavis"]
 
     paths = write_report(report, tmp_path / "out")
     with paths["csv"].open() as handle:
@@ -104,7 +130,8 @@ def test_sweep_and_best_of_n(tiny_model_dir: Path, head_paths: list[str], tmp_pa
     assert json.loads(paths["json"].read_text())["hypervolume"] == report.hypervolume
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = paths["markdown"].read_text()
-    assert "| best-of-4 |" in markdown and "Hypervolume" in markdown
+    assert "| best-of-4 (oracle reward) |" in markdown and "Hypervolume" in markdown
+    assert "mavis − best-of-4: hypervolume" in markdown
 
 
 def test_best_of_n_keeps_the_candidate_with_the_highest_weighted_score(
@@ -114,7 +141,7 @@ def test_best_of_n_keeps_the_candidate_with_the_highest_weighted_score(
     settings = EvalSettings(grid_steps=2, seeds=1, best_of=(3,), beta=1.0, max_tokens=6, batch_size=8)
     report = evaluate(engine, PROMPTS[:2], settings, rewards=REWARDS)
     # Candidates of (prompt p, seed 0) are seeds 0, 1, 2: the best by letters alone is their max.
-    config = DecodeConfig(max_new_tokens=6, top_k=20)
+    config = DecodeConfig(max_new_tokens=6, min_new_tokens=1, top_k=20)
     best = []
     for prompt in format_prompts(engine.base.tokenizer, PROMPTS[:2]):
         texts = [g.text for g in engine.generate([prompt] * 3, None, config, seeds=[0, 1, 2])]
@@ -205,6 +232,12 @@ def test_reward_guided_scorer_scores_each_candidate_text(tiny_model_dir: Path) -
             text = base.tokenizer.decode([*first, int(candidates[b, j])], skip_special_tokens=True)
             assert q[b, j].item() == pytest.approx((letters([], [text])[0] - 1.0) / 2.0)
     assert scorer.calls == 6
+    # A row that sampled EOS is finished: it is not scored again (and costs no reward call).
+    scorer.advance(torch.tensor([base.eos_token_ids[0], 40]))
+    q = scorer.q_values(torch.zeros(2, base.hidden_size), candidates)
+    assert scorer.calls == 9 and q[0].tolist() == [0.0, 0.0, 0.0]
+    text = base.tokenizer.decode([*first, 40, 60], skip_special_tokens=True)
+    assert q[1, 0].item() == pytest.approx((letters([], [text])[0] - 1.0) / 2.0)
     with pytest.raises(ConfigurationError, match="set prompts for all 4 rows"):
         scorer.begin(torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long))
 
@@ -217,5 +250,6 @@ def test_reward_guided_search_raises_its_reward(tiny_model_dir: Path, head_paths
     assert set(guided) == {0.0, 1.0} and "reward-guided" in report.hypervolume
     assert guided[1.0].gain_sd["alpha"] > 1.0  # base SDs: letters are easy to find among 20 candidates
     assert guided[0.0].reward["space"] >= report.rows[0].reward["space"]
-    # Every step scores top_k candidates per objective; tokens after EOS still cost a step.
-    assert guided[1.0].reward_calls_per_token >= 2 * 20
+    # Every step scores top_k candidates per objective for each unfinished row, none after EOS.
+    assert guided[1.0].reward_calls_per_token == pytest.approx(2 * 20)
+    assert guided[1.0].oracle

@@ -134,3 +134,11 @@ def test_prompt_sources(tmp_path: Path) -> None:
         handle.write(json.dumps({"chosen": dialogue, "rejected": dialogue}) + "\n")
     assert load_prompts(hh) == ["How do I bake bread?"]
     assert first_human_turn("\n\nHuman: hi") == "hi"
+
+
+def test_prompts_are_unique_by_text_before_the_limit(tmp_path: Path) -> None:
+    text = tmp_path / "p.txt"
+    text.write_text("a\nb\na\nc\nb\nd\n")
+    assert load_prompts(text, limit=3) == ["a", "b", "c"]  # the repeated "a" does not take a place
+    assert load_prompts(text) == ["a", "b", "c", "d"]
+    assert load_prompts(text, unique=False) == ["a", "b", "a", "c", "b", "d"]
