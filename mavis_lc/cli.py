@@ -107,6 +107,18 @@ def eval_command(
         bool, typer.Option(help="Also run ARGS-style reward-guided token search (k reward calls per token).")
     ] = False,
     calibration_prompts: Annotated[int, typer.Option(help="Prompts of the --kl-budget calibration run.")] = 4,
+    min_tokens: Annotated[
+        int, typer.Option(help="EOS is banned until a response has this many tokens (1: no empty answers).")
+    ] = 1,
+    bootstrap_resamples: Annotated[
+        int, typer.Option(help="Cluster-bootstrap replicates over prompts behind every interval.")
+    ] = 2000,
+    exclude_training_prompts: Annotated[
+        bool,
+        typer.Option(
+            help="Skip evaluation prompts that a head was trained on (read from its registry version or work folder)."
+        ),
+    ] = True,
     variant: Annotated[
         list[str] | None, typer.Option(help="More head sets to sweep, as NAME=SPEC,SPEC (e.g. it0=pos@1,con@1).")
     ] = None,
@@ -118,7 +130,7 @@ def eval_command(
     """Sweep MAVIS weights against base sampling and best-of-N; write tables, a summary and a Pareto plot."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mavis_lc.evaluation import EvalSettings, calibrate_beta, evaluate, write_report
+    from mavis_lc.evaluation import EvalSettings, calibrate_beta, evaluate, training_prompts, write_report
     from mavis_lc.quickstart import shipped_prompts
     from mavis_lc.training import load_prompts
 
@@ -129,14 +141,28 @@ def eval_command(
             raise ConfigurationError(f"--best-of must be integers separated by commas, got {best_of!r}") from None
         if n_prompts < 1 or skip < 0:
             raise ConfigurationError(f"need --n-prompts >= 1 and --skip >= 0, got {n_prompts} and {skip}")
-        source = load_prompts(prompts, skip + n_prompts) if prompts else shipped_prompts("held_out")
-        chosen = source[skip : skip + n_prompts]
+        source = load_prompts(prompts) if prompts else shipped_prompts("held_out")
+        every_head = [*head, *(spec for entry in variant or [] for spec in entry.partition("=")[2].split(","))]
+        seen = training_prompts(every_head) if exclude_training_prompts else set()
+        chosen: list[str] = []
+        excluded = 0
+        for candidate in source[skip:]:
+            if len(chosen) == n_prompts:
+                break
+            if candidate in seen:
+                excluded += 1
+            else:
+                chosen.append(candidate)
         if len(chosen) < n_prompts:
-            raise ConfigurationError(f"{prompts or 'the shipped prompts'} has {len(source)} prompts, fewer than "
-                                     f"--skip {skip} + --n-prompts {n_prompts}")  # fmt: skip
+            left_out = f" once {excluded} training prompts are left out" if excluded else ""
+            raise ConfigurationError(f"{prompts or 'the shipped prompts'} has {len(source)} distinct prompts, fewer "
+                                     f"than --skip {skip} + --n-prompts {n_prompts}{left_out}")  # fmt: skip
+        if excluded:
+            console.print(f"left out {excluded} evaluation prompts that the heads were trained on")
         settings = EvalSettings(
-            grid_steps=grid_steps, seeds=seeds, best_of=ns, beta=beta, top_k=top_k,
-            max_tokens=max_tokens, batch_size=batch_size, reward_guided=reward_guided,
+            grid_steps=grid_steps, seeds=seeds, best_of=ns, beta=beta, top_k=top_k, max_tokens=max_tokens,
+            batch_size=batch_size, reward_guided=reward_guided, min_tokens=min_tokens,
+            bootstrap_resamples=bootstrap_resamples,
         )  # fmt: skip
         engine = get_engine(base_model, head)
         variants = {}
@@ -164,6 +190,7 @@ def eval_command(
 
             report = evaluate(engine, chosen, settings, variants=variants, progress=progress)
         report.calibration = calibration
+        report.excluded_prompts = excluded
         paths = write_report(report, output_dir)
     except MavisError as exc:
         error_console.print(f"[red]error:[/red] {exc}")

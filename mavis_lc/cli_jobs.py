@@ -62,7 +62,14 @@ class _ProgressBar:
         key = (str(snapshot["stage"]), int(snapshot.get("iteration", 0)))
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(f"iteration {key[1]}: {key[0]}", total=None)
-        self.progress.update(self.tasks[key], completed=snapshot.get("step", 0), total=snapshot.get("total") or None)
+        update: dict[str, Any] = {"completed": snapshot.get("step", 0), "total": snapshot.get("total") or None}
+        metrics = snapshot.get("metrics") or {}
+        if key[0] == "fit" and "within_prompt_r2" in metrics:  # the within-state fit of the last epoch
+            update["description"] = (
+                f"iteration {key[1]}: fit (within-prompt R² {metrics['within_prompt_r2']:.3f}, "
+                f"sibling corr {metrics.get('sibling_corr', float('nan')):.3f})"
+            )
+        self.progress.update(self.tasks[key], **update)
 
     def show_job(self, job: JobInfo) -> None:
         self.show(job.progress)

@@ -160,6 +160,8 @@ def show(
             ("sha256", info.sha256),
             ("size (bytes)", str(info.size_bytes)),
             ("architecture", _json(info.architecture)),
+            ("training beta", _training_beta(info.training_params)),
+            ("within-state fit", _within_state(info.metrics)),
             ("training params", _json(info.training_params)),
             ("metrics", _json(info.metrics)),
             ("normalization", _json(info.normalization)),
@@ -171,6 +173,26 @@ def show(
         for name, value in rows:
             table.add_row(name, value)
         console.print(table)
+
+
+def _training_beta(params: dict[str, Any]) -> str:
+    """The beta the head was trained to decode with, and the zeta of its soft targets."""
+    if "beta" not in params:
+        return ""
+    zeta = params.get("zeta")
+    return f"{params['beta']:g} (decode at this beta; soft targets with zeta {zeta if zeta is None else f'{zeta:g}'})"
+
+
+def _within_state(metrics: dict[str, Any]) -> str:
+    """The validation metrics on what the tilt uses (differences of Q within a state)."""
+    names = {
+        "within_prompt_r2": "within-prompt R²",
+        "sibling_corr": "sibling-difference corr",
+        "sibling_sign_agreement": "sign agreement",
+        "sibling_noise_ceiling": "noise ceiling",
+        "sibling_pairs": "pairs",
+    }
+    return ", ".join(f"{label} {metrics[name]:.3g}" for name, label in names.items() if name in metrics)
 
 
 @registry_app.command("archive")

@@ -144,8 +144,11 @@ class MethodRow:
     kl_topk_ci: Interval
     empty_rate: float
     """Fraction of responses that are empty (or only whitespace)."""
+    eos_rate: float
+    """Fraction of responses that ended with EOS (the rest reached ``max_tokens``)."""
     mean_tokens: float
     """Mean response length in tokens."""
+    mean_tokens_ci: Interval
     forwards_per_token: float
     reward_calls_per_token: float
     """True-reward evaluations per generated token, all objectives counted (0 for MAVIS)."""
@@ -161,15 +164,22 @@ class MethodRow:
 
 @dataclass
 class Comparison:
-    """A steered family against a baseline family, paired over the same resampled prompts."""
+    """A steered family against a baseline family (or ``mavis`` against a variant), paired over the
+    same resampled prompts. Per-objective differences are between the two families' rows at weight
+    1 on that objective alone."""
 
     family: str
     baseline: str
     hypervolume_diff: float
     hypervolume_diff_ci: Interval
     gain_diff: dict[str, float]
-    """Per objective: the family's gain at weight 1 on it alone minus the baseline's (base SD)."""
+    """The family's gain minus the baseline's (base SD)."""
     gain_diff_ci: dict[str, Interval]
+    kl_topk_diff: dict[str, float]
+    kl_topk_diff_ci: dict[str, Interval]
+    tokens_diff: dict[str, float]
+    """Mean response length, family minus baseline (tokens)."""
+    tokens_diff_ci: dict[str, Interval]
 
 
 @dataclass
@@ -408,7 +418,8 @@ def _report(
 ) -> EvalReport:
     """Every row's statistics, the hypervolumes and the comparisons, all on one set of bootstrap draws."""
     draws = bootstrap.resample_prompts(n_prompts, settings.bootstrap_resamples, settings.bootstrap_seed)
-    metrics = [*objectives, "kl", "kl_topk"]
+    metrics = [*objectives, "kl", "kl_topk", "tokens"]
+    kl, kl_topk, tokens = (metrics.index(m) for m in ("kl", "kl_topk", "tokens"))
     # (runs, metrics, prompts) per-prompt means, then (runs, metrics, resamples) replicate means.
     means = np.stack([[bootstrap.prompt_means(r.values[m], row_prompt, n_prompts) for m in metrics] for r in results])
     replicates = means[:, :, draws].mean(axis=-1)
@@ -430,9 +441,10 @@ def _report(
                 reward_ci={o: ci(replicates[i, j]) for j, o in enumerate(objectives)},
                 gain_sd={o: float(gain[i, j]) for j, o in enumerate(objectives)},
                 gain_ci={o: ci(gain_reps[i, j]) if i else (0.0, 0.0) for j, o in enumerate(objectives)},
-                kl=float(point[i, -2]), kl_ci=ci(replicates[i, -2]),
-                kl_topk=float(point[i, -1]), kl_topk_ci=ci(replicates[i, -1]),
-                empty_rate=statistics.fmean(r.values["empty"]), mean_tokens=statistics.fmean(r.values["tokens"]),
+                kl=float(point[i, kl]), kl_ci=ci(replicates[i, kl]),
+                kl_topk=float(point[i, kl_topk]), kl_topk_ci=ci(replicates[i, kl_topk]),
+                empty_rate=statistics.fmean(r.values["empty"]), eos_rate=statistics.fmean(r.values["eos"]),
+                mean_tokens=float(point[i, tokens]), mean_tokens_ci=ci(replicates[i, tokens]),
                 forwards_per_token=r.forwards, reward_calls_per_token=r.reward_calls,
                 seconds_per_token=r.seconds / max(r.tokens, 1), tokens=r.tokens, n=n_rows,
             )
@@ -456,23 +468,60 @@ def _report(
     def single(family: str, j: int) -> int:
         return next(i for i, r in enumerate(results) if r.method == family and r.weights.get(objectives[j]) == 1.0)
 
-    for family in steered:
-        for baseline in baselines:
-            pairs = {o: (single(family, j), single(baseline, j)) for j, o in enumerate(objectives)}
-            columns = {o: j for j, o in enumerate(objectives)}
-            report.comparisons.append(
-                Comparison(
-                    family=family,
-                    baseline=baseline,
-                    hypervolume_diff=report.hypervolume[family] - report.hypervolume[baseline],
-                    hypervolume_diff_ci=ci(volume_reps[family] - volume_reps[baseline]),
-                    gain_diff={o: float(gain[a, columns[o]] - gain[b, columns[o]]) for o, (a, b) in pairs.items()},
-                    gain_diff_ci={
-                        o: ci(gain_reps[a, columns[o]] - gain_reps[b, columns[o]]) for o, (a, b) in pairs.items()
-                    },
-                )
+    columns = {o: j for j, o in enumerate(objectives)}
+    at_kl, at_tokens = dict.fromkeys(objectives, kl_topk), dict.fromkeys(objectives, tokens)
+    for family, baseline in [("mavis", v) for v in variants] + [(f, b) for f in steered for b in baselines]:
+        pairs = {o: (single(family, j), single(baseline, j)) for j, o in enumerate(objectives)}
+
+        def diff(values: np.ndarray, column: dict[str, int], pairs: dict[str, tuple[int, int]] = pairs) -> np.ndarray:
+            """(objectives, ...) the two rows' difference of ``values`` (runs, metrics, ...) per objective."""
+            return np.stack([values[a, column[o]] - values[b, column[o]] for o, (a, b) in pairs.items()])
+
+        report.comparisons.append(
+            Comparison(
+                family=family,
+                baseline=baseline,
+                hypervolume_diff=report.hypervolume[family] - report.hypervolume[baseline],
+                hypervolume_diff_ci=ci(volume_reps[family] - volume_reps[baseline]),
+                gain_diff=dict(zip(objectives, diff(gain, columns).tolist(), strict=True)),
+                gain_diff_ci={o: ci(d) for o, d in zip(objectives, diff(gain_reps, columns), strict=True)},
+                kl_topk_diff=dict(zip(objectives, diff(point, at_kl).tolist(), strict=True)),
+                kl_topk_diff_ci={o: ci(d) for o, d in zip(objectives, diff(replicates, at_kl), strict=True)},
+                tokens_diff=dict(zip(objectives, diff(point, at_tokens).tolist(), strict=True)),
+                tokens_diff_ci={o: ci(d) for o, d in zip(objectives, diff(replicates, at_tokens), strict=True)},
             )
+        )
     return report
+
+
+def training_prompts(head_specs: Sequence[str], database_url: str | None = None) -> set[str]:
+    """The raw prompts the given heads were trained on, as far as their records tell.
+
+    A registry spec reads its version's training parameters; a head file reads the ``run.json``
+    of the training work folder it sits in. A prompt source that is no longer readable (or a
+    head file outside a work folder) contributes nothing.
+    """
+    from mavis_lc.training.prompts import load_prompts
+
+    found: set[str] = set()
+    for spec in head_specs:
+        path = Path(spec).expanduser()
+        if path.suffix == ".safetensors" or path.is_file():
+            marker = path.parent / "run.json"
+            params = json.loads(marker.read_text()).get("config", {}) if marker.is_file() else {}
+        else:
+            from mavis_lc.registry import Registry
+
+            with Registry(database_url) as registry:
+                params = registry.resolve(spec).training_params
+        source = params.get("prompts")
+        if not source:
+            continue
+        try:
+            found.update(load_prompts(source, params.get("max_prompts")))
+        except ConfigurationError:
+            continue
+    return found
 
 
 @dataclass
@@ -606,9 +655,9 @@ def summary_markdown(report: EvalReport) -> str:
         lines[0] += f" {report.excluded_prompts} evaluation prompts that heads were trained on were skipped."
     lines += [
         "",
-        "| method | weights | " + " | ".join(objectives) + " | kl | kl_topk | empty | tokens | base fwd / token"
+        "| method | weights | " + " | ".join(objectives) + " | kl | kl_topk | empty | EOS | tokens | base fwd / token"
         " | reward calls / token | ms / token |",
-        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|---|---|---|",
+        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|---|---|---|---|",
     ]
     for r in report.rows:
         cells = [
@@ -619,7 +668,9 @@ def summary_markdown(report: EvalReport) -> str:
             f"| {r.label} | {weights_label(r.weights)} | "
             + " | ".join(cells)
             + f" | {r.kl:.2f} {_ci(r.kl_ci, sign='')} | {r.kl_topk:.2f} {_ci(r.kl_topk_ci, sign='')}"
-            + f" | {100 * r.empty_rate:.1f}% | {r.mean_tokens:.1f} | {r.forwards_per_token:g}"
+            + f" | {100 * r.empty_rate:.1f}% | {100 * r.eos_rate:.0f}%"
+            + f" | {r.mean_tokens:.1f} {_ci(r.mean_tokens_ci, 1, '')}"
+            + f" | {r.forwards_per_token:g}"
             + f" | {r.reward_calls_per_token:.2f} | {1000 * r.seconds_per_token:.1f} |"
         )
     reference = ", ".join(f"{o} {v:+.3f}" for o, v in zip(objectives, report.reference, strict=True))
@@ -641,7 +692,11 @@ def summary_markdown(report: EvalReport) -> str:
     if report.comparisons:
         lines += ["", "Steered minus baseline, paired over the same resampled prompts:", ""]
         for d in report.comparisons:
-            gains = ", ".join(f"{o} gain {d.gain_diff[o]:+.2f} SD {_ci(d.gain_diff_ci[o])}" for o in objectives)
+            gains = "; ".join(
+                f"at {o}=1: gain {d.gain_diff[o]:+.2f} SD {_ci(d.gain_diff_ci[o])}, kl_topk {d.kl_topk_diff[o]:+.2f} "
+                f"{_ci(d.kl_topk_diff_ci[o])}, length {d.tokens_diff[o]:+.1f} {_ci(d.tokens_diff_ci[o], 1)} tokens"
+                for o in objectives
+            )
             lines.append(
                 f"- {d.family} − {d.baseline}: hypervolume {d.hypervolume_diff:+.4f} "
                 f"{_ci(d.hypervolume_diff_ci, 4)}; {gains}"
@@ -711,6 +766,7 @@ class _Run:
             "kl_topk": [g.kl_topk + kl_bound for g in generations],
             "tokens": [float(g.completion_tokens) for g in generations],
             "empty": [float(not g.text.strip()) for g in generations],
+            "eos": [float(g.finish_reason == "stop" and g.stop_sequence is None) for g in generations],
         }
         tokens = sum(g.completion_tokens for g in generations)
         return cls(method, weights, values, forwards, reward_calls, seconds, tokens, oracle)

@@ -168,20 +168,27 @@ def test_bad_settings_are_typed_errors(
 def test_eval_command_writes_the_report(tiny_model_dir: Path, tmp_path: Path) -> None:
     base = load_base_model(str(tiny_model_dir))
     heads = [str(new_shared_head(base, n).save(tmp_path / f"{n}.safetensors")) for n in ("positivity", "conciseness")]
+    # The heads sit in a training work folder whose run trained on PROMPTS[0]: it is left out.
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"prompts": [PROMPTS[0]], "max_prompts": None}}))
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(["skipped", *PROMPTS]))
+    prompts.write_text("\n".join(["skipped", *PROMPTS, "skipped", "one more"]))
     args = ["eval", "--base-model", str(tiny_model_dir), "--head", heads[0], "--head", heads[1]]
     args += ["--prompts", str(prompts), "--skip", "1", "--n-prompts", "2", "--seeds", "1", "--grid-steps", "2"]
     args += ["--best-of", "2", "--max-tokens", "4", "--output-dir", str(tmp_path / "out")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert data["n_prompts"] == 2
+    assert data["n_prompts"] == 2 and data["excluded_prompts"] == 1
+    assert "left out 1 evaluation prompts that the heads were trained on" in result.output
+    assert {r["method"]: r["oracle"] for r in data["rows"]} == {"base": False, "mavis": False, "best-of-2": True}
     assert [r["method"] for r in data["rows"]] == ["base", "mavis", "mavis", "best-of-2", "best-of-2"]
     assert (tmp_path / "out" / "pareto.png").is_file()
 
     bad = CliRunner().invoke(app, [*args[:7], "--prompts", str(prompts), "--n-prompts", "9"])
-    assert bad.exit_code == 1 and "fewer than --skip 0 + --n-prompts 9" in bad.output
+    assert bad.exit_code == 1 and "has 5 distinct prompts, fewer than --skip 0 + --n-prompts 9" in bad.output
+    kept = CliRunner().invoke(app, [*args, "--no-exclude-training-prompts", "--n-prompts", "3"])
+    assert kept.exit_code == 0, kept.output
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["excluded_prompts"] == 0
 
 
 def test_variants_are_swept_under_their_names(tiny_model_dir: Path, head_paths: list[str], tmp_path: Path) -> None:
@@ -196,6 +203,14 @@ def test_variants_are_swept_under_their_names(tiny_model_dir: Path, head_paths: 
     # Zero heads steer nothing: every "zero" row is the base row again.
     assert all(r.reward == report.rows[0].reward for r in report.rows if r.method == "zero")
     assert set(report.hypervolume) == {"mavis", "zero"}
+    # mavis is compared with each variant, paired: the zero variant's rows are the base row.
+    (versus,) = report.comparisons
+    assert (versus.family, versus.baseline) == ("mavis", "zero")
+    steered = next(r for r in report.rows if r.method == "mavis" and r.weights["alpha"] == 1.0)
+    assert versus.tokens_diff["alpha"] == pytest.approx(steered.mean_tokens - report.rows[0].mean_tokens)
+    assert versus.kl_topk_diff["alpha"] == pytest.approx(steered.kl_topk - report.rows[0].kl_topk)
+    low, high = versus.tokens_diff_ci["alpha"]
+    assert low <= versus.tokens_diff["alpha"] <= high or low == high
     with pytest.raises(ConfigurationError, match="variant 'other'"):
         evaluate(engine, PROMPTS, settings, variants={"other": get_engine(str(tiny_model_dir), zero[:1])})
 

@@ -26,7 +26,11 @@ def invoke(*args: str) -> tuple[int, str]:
 @pytest.fixture
 def registry(mavis_home: Path) -> Registry:
     registry = Registry()  # the same database and store the CLI reads from settings
-    register(registry, "positivity", b"one", metrics={"val_mse": 0.125, "n_train": 100.0})
+    register(
+        registry, "positivity", b"one",
+        metrics={"val_mse": 0.125, "n_train": 100.0, "within_prompt_r2": 0.3125, "sibling_corr": 0.4375},
+        training_params={"beta": 4.0, "zeta": 0.25},
+    )  # fmt: skip
     register(registry, "positivity", b"two", parents=[1])
     register(registry, "conciseness", b"three")
     return registry
@@ -57,6 +61,8 @@ def test_show_has_metrics_and_lineage(registry: Registry) -> None:
     assert code == 0
     assert "0.125" in output
     assert "children" in output and "positivity@2" in output
+    assert "4 (decode at this beta; soft targets with zeta 0.25)" in output
+    assert "within-prompt R² 0.312, sibling-difference corr 0.438" in output
 
 
 def test_alias_set_move_delete(registry: Registry) -> None:
