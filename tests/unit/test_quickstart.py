@@ -58,13 +58,17 @@ def test_quickstart_trains_registers_evaluates_and_reuses(
     assert [s["weights"] for s in summary["settings"]] == list(quickstart.SETTINGS)
     for setting in summary["settings"]:
         for objective in quickstart.OBJECTIVES:
-            mean, half = setting[objective]
-            assert -1.0 <= mean <= 1.0 and half >= 0.0
+            mean, low, high = setting[objective]
+            assert -1.0 <= mean <= 1.0 and low <= mean <= high
     base_kl = summary["settings"][0]["kl"][0]
-    assert base_kl >= 0.0  # the top-k cut alone
+    assert base_kl > 0.0  # the top-k cut alone
+    assert summary["settings"][0]["kl_topk"][0] == pytest.approx(0.0, abs=1e-4)  # plain top-k sampling
     printed = console.export_text()
     for objective, check in summary["checks"].items():
-        assert check["higher"] == (check["weight_1"] > check["weight_0"])
+        # The paired gain is the difference of the two rows' means (same prompts and seeds).
+        assert check["gain"] == pytest.approx(check["weight_1"] - check["weight_0"])
+        assert check["higher"] == (check["gain"] > 0)
+        assert check["ci_excludes_zero"] == (check["gain_ci"][0] > 0)
         assert f"{objective}: mean reward at weight 1 = {check['weight_1']:+.3f}" in printed
     plot = Path(summary["plot"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
