@@ -164,8 +164,9 @@ class MethodRow:
 
 @dataclass
 class Comparison:
-    """A steered family against a baseline family (or ``mavis`` against a variant), paired over the
-    same resampled prompts. Per-objective differences are between the two families' rows at weight
+    """A steered family against a baseline family (or against a steered family listed after it:
+    ``mavis`` against each variant, a variant against each later one), paired over the same
+    resampled prompts. Per-objective differences are between the two families' rows at weight
     1 on that objective alone."""
 
     family: str
@@ -470,7 +471,8 @@ def _report(
 
     columns = {o: j for j, o in enumerate(objectives)}
     at_kl, at_tokens = dict.fromkeys(objectives, kl_topk), dict.fromkeys(objectives, tokens)
-    for family, baseline in [("mavis", v) for v in variants] + [(f, b) for f in steered for b in baselines]:
+    pairs_of_steered = [(f, g) for i, f in enumerate(steered) for g in steered[i + 1 :]]
+    for family, baseline in pairs_of_steered + [(f, b) for f in steered for b in baselines]:
         pairs = {o: (single(family, j), single(baseline, j)) for j, o in enumerate(objectives)}
 
         def diff(values: np.ndarray, column: dict[str, int], pairs: dict[str, tuple[int, int]] = pairs) -> np.ndarray:

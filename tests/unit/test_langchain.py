@@ -165,6 +165,7 @@ def test_generation_info_carries_statistics_and_heads(llm: MavisLLM) -> None:
     assert info["weights"] == {"positivity": 1.0}
     assert info["completion_tokens"] >= 1 and info["prompt_tokens"] >= 1
     assert isinstance(info["kl"], float) and info["kl"] > 0
+    assert isinstance(info["kl_topk"], float) and info["kl_topk"] < info["kl"]  # the top-k cut is not counted
     assert {h["objective"] for h in info["heads"]} == {"positivity", "conciseness"}
     assert all(len(h["sha256"]) == 64 for h in info["heads"])
     assert result.llm_output and result.llm_output["token_usage"]["completion_tokens"] == info["completion_tokens"]
