@@ -51,7 +51,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True) if value else ""
 
 
-LISTED_METRICS = ("r2", "val_mse", "spearman")
+LISTED_METRICS = ("within_prompt_r2", "sibling_corr", "r2", "val_mse")
 """Fit metrics the version list shows (``mavis registry show`` prints them all)."""
 
 

@@ -268,3 +268,24 @@ def test_reward_guided_search_raises_its_reward(tiny_model_dir: Path, head_paths
     # Every step scores top_k candidates per objective for each unfinished row, none after EOS.
     assert guided[1.0].reward_calls_per_token == pytest.approx(2 * 20)
     assert guided[1.0].oracle
+
+
+def test_training_prompts_are_read_from_registry_versions(mavis_home: Path, tmp_path: Path) -> None:
+    from mavis_lc.evaluation import training_prompts
+    from mavis_lc.registry import Registry
+    from tests.unit.test_registry_api import register
+
+    source = tmp_path / "train.txt"
+    source.write_text("first\nsecond\nfirst\nthird\n")
+    with Registry() as registry:
+        register(registry, "positivity", b"head", training_params={"prompts": str(source), "max_prompts": 2})
+        register(registry, "conciseness", b"other", training_params={"prompts": ["a list", "of prompts"]})
+        register(registry, "relevance", b"gone", training_params={"prompts": str(tmp_path / "missing.txt")})
+    # The first two distinct prompts, as the training read them; an unreadable source adds nothing.
+    assert training_prompts(["positivity@1"]) == {"first", "second"}
+    assert training_prompts(["positivity@1", "conciseness", "relevance@1"]) == {
+        "first",
+        "second",
+        "a list",
+        "of prompts",
+    }
