@@ -117,6 +117,13 @@ class TrainingConfig:
             "their weights (the head is linear in them, so its Q is the mean of theirs)."
         },
     )
+    sibling_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Shared head: weight of a term on what the tilt uses, the MSE of Q centred over the sibling "
+            "actions of each branch state against their centred Monte Carlo targets (0: off), beside the per-token MSE."
+        },
+    )
     epochs: int = field(default=20, metadata={"help": "Most passes over the training targets per iteration."})
     fit_batch_size: int = field(default=256, metadata={"help": "Shared head: (state, token) pairs per minibatch."})
     sequence_batch_size: int = field(default=8, metadata={"help": "Separate backbone: leaf paths per minibatch."})
@@ -183,6 +190,13 @@ class TrainingConfig:
         for name in ("temperature", "learning_rate", "bias_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.sibling_loss_weight >= 0:
+            raise ConfigurationError(f"sibling_loss_weight must be >= 0, got {self.sibling_loss_weight!r}")
+        if self.sibling_loss_weight > 0 and self.architecture != "shared_q_head":
+            raise ConfigurationError(
+                f"sibling_loss_weight {self.sibling_loss_weight} needs architecture shared_q_head, "
+                f"got {self.architecture!r}"
+            )
         for name in ("beta", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -2,7 +2,10 @@
 
 Every sampled token is one example: the state s_t before it, the token a_t, and its target
 (`mavis_lc.training.targets`); the loss is the MSE of Q(s_t, a_t) against it, minimised with
-AdamW in minibatches.
+AdamW in minibatches. For the shared head, ``sibling_loss_weight`` > 0 adds a term on what the
+tilt uses: every minibatch also draws ``fit_batch_size // 4`` branch states of the training
+trees, centres Q and the Monte Carlo targets over each state's sibling actions, and adds the
+weighted MSE between the two (a per-state offset of Q costs nothing there).
 
 - Shared-backbone head: the states are the base hidden states the rollouts recorded, so the
   fit never runs the base model (cached features).
@@ -37,7 +40,7 @@ from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import TrainingCancelled
 from mavis_lc.separate_backbone import SeparateBackboneValueModel
 from mavis_lc.training.config import TrainingConfig
-from mavis_lc.training.metrics import StateMetrics
+from mavis_lc.training.metrics import StateMetrics, sibling_groups
 from mavis_lc.training.rollouts import TreeRollouts
 from mavis_lc.value_model import SharedBackboneQHead
 
@@ -115,8 +118,28 @@ def fit_shared_head(
         with torch.no_grad():
             return idx.cpu(), torch.cat([predict(b) for b in idx.split(4096)]).cpu()
 
+    trained_on = ~held_out if val_idx.numel() else torch.ones_like(held_out)  # (P,) the training prompts
+    groups = sibling_groups(rollouts, trained_on).to(device)  # (G, C) sibling actions of each branch state
+    draw = torch.Generator().manual_seed(config.seed + 1)
+
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        return nn.functional.mse_loss(predict(batch), targets[batch])
+        loss = nn.functional.mse_loss(predict(batch), targets[batch])
+        if config.sibling_loss_weight > 0 and groups.numel():
+            picked = groups[torch.randint(groups.shape[0], (max(1, config.fit_batch_size // 4),), generator=draw)]
+            loss = loss + config.sibling_loss_weight * sibling_loss(picked)
+        return loss
+
+    def sibling_loss(picked: torch.Tensor) -> torch.Tensor:
+        """MSE of centred Q against centred targets over the siblings of each picked state, (S, C) tokens."""
+        real = picked >= 0  # (S, C)
+        index = picked.clamp(min=0)  # (S, C)
+        q = predict(index.flatten()).view(index.shape)  # (S, C)
+        count = real.sum(1, keepdim=True)  # (S, 1)
+
+        def centred(x: torch.Tensor) -> torch.Tensor:
+            return (x - (x * real).sum(1, keepdim=True) / count) * real
+
+        return (centred(q) - centred(targets[index])).square().sum() / real.sum()
 
     states = StateMetrics(rollouts, token_target, measured)
     return _train(head, batches, loss_of, train_idx, val_idx, evaluate, states, config, progress, should_cancel)

@@ -53,22 +53,16 @@ class StateMetrics:
         token_prompt = rollouts.node_prompt[rollouts.token_node()]  # (T,)
         self.token_prompt = token_prompt
         self.token_mask = prompt_mask[token_prompt]  # (T,)
-        parent = rollouts.node_parent.tolist()
-        children: dict[int, list[int]] = {}
-        for node, p in enumerate(parent):
-            if p >= 0:
-                children.setdefault(p, []).append(node)
+        children = branch_states(rollouts, prompt_mask)
         first = rollouts.node_start  # (N,) a child's first token: the action taken in its parent's state
         pairs: list[tuple[int, int]] = []
-        for state, kids in children.items():
-            if len(kids) < 2 or not bool(prompt_mask[rollouts.node_prompt[state]]):
-                continue
+        for kids in children.values():
             for i, a in enumerate(kids):
                 for b in kids[i + 1 :]:
                     if int(rollouts.tokens[first[a]]) != int(rollouts.tokens[first[b]]):
                         pairs.append((int(first[a]), int(first[b])))
         self.pairs = torch.tensor(pairs, dtype=torch.long).view(-1, 2)  # (n_pairs, 2) token indices
-        self.noise_ceiling = _split_half_ceiling(rollouts, children, self.token_target, prompt_mask)
+        self.noise_ceiling = _split_half_ceiling(rollouts, children, self.token_target)
 
     def __call__(self, token_index: torch.Tensor, prediction: torch.Tensor) -> dict[str, float]:
         """The metrics of ``prediction`` (n,) of tokens ``token_index`` (n,); tokens outside the
@@ -90,6 +84,27 @@ class StateMetrics:
         return metrics
 
 
+def branch_states(rollouts: TreeRollouts, prompt_mask: torch.Tensor) -> dict[int, list[int]]:
+    """The tree nodes of ``prompt_mask``'s prompts with two or more children, and their children."""
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(rollouts.node_parent.tolist()):
+        if parent >= 0:
+            children.setdefault(parent, []).append(node)
+    return {
+        state: kids
+        for state, kids in children.items()
+        if len(kids) >= 2 and bool(prompt_mask[rollouts.node_prompt[state]])
+    }
+
+
+def sibling_groups(rollouts: TreeRollouts, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """(G, C) long: per branch state of ``prompt_mask``'s prompts, the first token of each child
+    (the actions taken in that state), padded with -1 to the largest fan-out C."""
+    groups = [rollouts.node_start[kids].tolist() for kids in branch_states(rollouts, prompt_mask).values()]
+    width = max((len(g) for g in groups), default=0)
+    return torch.tensor([g + [-1] * (width - len(g)) for g in groups], dtype=torch.long).view(len(groups), width)
+
+
 def _within_group_r2(prediction: torch.Tensor, target: torch.Tensor, group: torch.Tensor) -> float:
     if target.numel() == 0:
         return math.nan
@@ -108,7 +123,6 @@ def _split_half_ceiling(
     rollouts: TreeRollouts,
     children: dict[int, list[int]],
     token_target: torch.Tensor,
-    prompt_mask: torch.Tensor,
 ) -> float:
     soft = token_target[rollouts.node_start]  # (N,) each node's Monte Carlo value as an action of its parent
 
@@ -120,9 +134,7 @@ def _split_half_ceiling(
 
     first_half: list[float] = []
     second_half: list[float] = []
-    for state, kids in children.items():
-        if len(kids) < 2 or not bool(prompt_mask[rollouts.node_prompt[state]]):
-            continue
+    for kids in children.values():
         split = [halves(k) for k in kids]
         for i, a in enumerate(split):
             for b in split[i + 1 :]:

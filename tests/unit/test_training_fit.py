@@ -21,6 +21,7 @@ from mavis_lc.training import (
     sample_trees,
     split_prompts,
 )
+from mavis_lc.training.metrics import sibling_groups
 from mavis_lc.training.rollouts import TreeRollouts
 from mavis_lc.value_model import new_shared_head
 
@@ -85,6 +86,29 @@ def test_fit_selects_the_epoch_best_on_the_selection_metric(base: BaseModel, met
         result.metrics
     )
     assert result.metrics["sibling_pairs"] > 0
+
+
+def test_sibling_loss_teaches_the_differences_between_sibling_actions(base: BaseModel) -> None:
+    rollouts, target = tree_data(base)
+    groups = sibling_groups(rollouts, torch.ones(len(rollouts.prompts), dtype=torch.bool))  # (G, C)
+    real = groups >= 0
+
+    def centred_error(q: torch.Tensor) -> float:
+        """Mean squared error of Q against the targets, both centred over each state's siblings."""
+        diff = (q - target)[groups.clamp(min=0)] * real  # (G, C)
+        centred = (diff - diff.sum(1, keepdim=True) / real.sum(1, keepdim=True)) * real
+        return float(centred.square().sum() / real.sum())
+
+    config = replace(CONFIG, learning_rate=1e-2, epochs=8, patience=8, val_fraction=0.0, selection_metric="val_mse")
+    errors = {}
+    for weight in (0.0, 20.0):
+        head = new_shared_head(base, "obj")
+        fit_shared_head(head, rollouts, target, replace(config, sibling_loss_weight=weight))
+        with torch.no_grad():
+            errors[weight] = centred_error(head.q_values(rollouts.hidden, rollouts.tokens[:, None]).squeeze(1))
+    assert errors[20.0] < 0.75 * errors[0.0]
+    with pytest.raises(ConfigurationError, match=r"sibling_loss_weight 1\.0 needs architecture shared_q_head"):
+        replace(CONFIG, sibling_loss_weight=1.0, architecture="separate_backbone").validate()
 
 
 def test_selection_metric_is_checked() -> None:
