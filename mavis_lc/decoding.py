@@ -261,7 +261,6 @@ class MavisDecoder:
         prompt_lengths = attention_mask.sum(-1).tolist()
 
         tracker = _TextTracker(tok, cfg.stop, set(self.base.eos_token_ids), batch)
-        greedy = cfg.temperature == 0 or not cfg.do_sample
         temperature = cfg.temperature or 1.0  # greedy at T = 0 reads the tilt and statistics at T = 1
         # Per step, per row: log pi - log pi_ref, log pi - log pi_ref^k and the tilt, kept until a
         # row finishes, so that tokens past a stop-string cut count in none of its statistics.
@@ -280,8 +279,10 @@ class MavisDecoder:
                 use_cache=True,
             ).last_hidden_state[:, -1]  # (B, d)
             next_position = position_ids[:, -1]  # (B,)
-            no_eos = torch.ones(batch, self.base.vocab_size, dtype=torch.bool, device=device)  # (B, V)
-            no_eos[:, ban] = False
+            no_eos = None
+            if cfg.min_new_tokens:
+                no_eos = torch.ones(batch, self.base.vocab_size, dtype=torch.bool, device=device)  # (B, V)
+                no_eos[:, ban] = False
         for step in range(cfg.max_new_tokens):
             with torch.inference_mode():
                 logits = self._lm_head(hidden)  # (B, V)
@@ -293,7 +294,7 @@ class MavisDecoder:
                     beta=cfg.beta,
                     top_k=cfg.top_k,
                     temperature=temperature,
-                    generators=None if greedy else generators,
+                    generators=generators,
                     allowed=no_eos if step < cfg.min_new_tokens else None,
                 )
                 steps.append((out.log_ratio.double().cpu(), out.log_ratio_topk.double().cpu(), out.tilt.double().cpu()))
