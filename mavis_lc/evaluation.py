@@ -641,7 +641,8 @@ def _half_width(ci: Interval) -> float:
 
 
 def _ci(ci: Interval, digits: int = 2, sign: str = "+") -> str:
-    return f"[{ci[0]:{sign}.{digits}f}, {ci[1]:{sign}.{digits}f}]"
+    low, high = (round(v, digits) + 0.0 for v in ci)  # + 0.0: no "-0.00" for a rounding of zero
+    return f"[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
 
 
 def summary_markdown(report: EvalReport) -> str:
@@ -669,7 +670,7 @@ def summary_markdown(report: EvalReport) -> str:
         lines.append(
             f"| {r.label} | {weights_label(r.weights)} | "
             + " | ".join(cells)
-            + f" | {r.kl:.2f} {_ci(r.kl_ci, sign='')} | {r.kl_topk:.2f} {_ci(r.kl_topk_ci, sign='')}"
+            + f" | {r.kl:.2f} {_ci(r.kl_ci, sign='')} | {round(r.kl_topk, 2) + 0.0:.2f} {_ci(r.kl_topk_ci, sign='')}"
             + f" | {100 * r.empty_rate:.1f}% | {100 * r.eos_rate:.0f}%"
             + f" | {r.mean_tokens:.1f} {_ci(r.mean_tokens_ci, 1, '')}"
             + f" | {r.forwards_per_token:g}"

@@ -144,9 +144,11 @@ def _train_or_reuse(
             normalization={"mean": it.reward_mean, "std": it.reward_std},
             parents=[parent.id] if parent is not None else [],
         )
+        fit = {name: it.metrics.get(name, float("nan")) for name in ("within_prompt_r2", "sibling_corr", "r2")}
         out.print(
-            f"{objective}: registered version {parent.version} (iteration {it.iteration}, "
-            f"val R² {it.metrics.get('r2', float('nan')):.3f})"
+            f"{objective}: registered version {parent.version} (iteration {it.iteration}; validation: "
+            f"within-prompt R² {fit['within_prompt_r2']:.3f}, sibling-difference corr {fit['sibling_corr']:.3f}, "
+            f"pooled R² {fit['r2']:.3f})"
         )
     assert parent is not None
     registry.set_alias(objective, plan.alias, parent.version)
@@ -237,8 +239,8 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
         summary.add_row(
             weights_label(settings),
             *(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in stats.values()),
-            f"{kl[0]:.2f} [{kl[1]:.2f}, {kl[2]:.2f}]",
-            f"{kl_topk[0]:.2f} [{kl_topk[1]:.2f}, {kl_topk[2]:.2f}]",
+            "{:.2f} [{:.2f}, {:.2f}]".format(*kl),
+            "{:.2f} [{:.2f}, {:.2f}]".format(*(round(v, 2) + 0.0 for v in kl_topk)),  # + 0.0: no "-0.00"
         )
     out.print(summary)
     out.print(
