@@ -64,6 +64,8 @@ class _ProgressBar:
             self.tasks[key] = self.progress.add_task(f"iteration {key[1]}: {key[0]}", total=None)
         update: dict[str, Any] = {"completed": snapshot.get("step", 0), "total": snapshot.get("total") or None}
         metrics = snapshot.get("metrics") or {}
+        if key[0] == "rollouts" and "planned_tokens" in metrics:
+            update["description"] = f"iteration {key[1]}: rollouts ({_rollout_pace(metrics)})"
         if key[0] == "fit" and "within_prompt_r2" in metrics:  # the within-state fit of the last epoch
             update["description"] = (
                 f"iteration {key[1]}: fit (within-prompt R² {metrics['within_prompt_r2']:.3f}, "
@@ -82,6 +84,15 @@ class _ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(None, None, None)
+
+
+def _rollout_pace(metrics: dict[str, Any]) -> str:
+    """``at most 44,000 tokens, 180 tok/s, at most 3.9 min left``: the plan, the pace and what it implies."""
+    planned, tokens, rate = metrics["planned_tokens"], metrics.get("tokens", 0), metrics.get("tokens_per_s", 0.0)
+    text = f"at most {int(planned):,} tokens"
+    if rate > 0:
+        text += f", {rate:.0f} tok/s, at most {max(planned - tokens, 0) / rate / 60:.1f} min left"
+    return text
 
 
 def _progress_bar() -> _ProgressBar:

@@ -41,6 +41,7 @@ import hashlib
 import itertools
 import json
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ def sample_trees(
     heads: Sequence[ValueModel] = (),
     first_prompt: int = 0,
     iteration: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> TreeRollouts:
     """Sample one tree per prompt (see the module docstring for the tree and its batching).
@@ -198,7 +199,8 @@ def sample_trees(
         heads: value models to sample MAVIS(pi_ref, heads) with, each at weight 1; none: pi_ref.
         first_prompt: global index of ``prompts[0]``; a multiple of ``rollout_prompts_per_batch``.
         iteration: the training iteration, part of every random seed.
-        progress: called with (prompts done, prompts) after every batch.
+        progress: called with (prompts done, prompts, metrics) after every batch; the metrics are
+            ``tokens`` sampled so far, ``tokens_per_s`` and ``planned_tokens`` (`planned_tokens`).
         should_cancel: polled before every decoding step.
 
     Raises:
@@ -213,12 +215,31 @@ def sample_trees(
     if not prompts:
         return _flatten([], [], first_prompt, [], [], set(), base.hidden_size)
     parts: list[TreeRollouts] = []
+    planned = planned_tokens(config, len(prompts), first_prompt=first_prompt, iteration=iteration)
+    if progress is not None:  # the plan, before any token: what this call will generate at most
+        progress(0, len(prompts), {"tokens": 0, "tokens_per_s": 0.0, "planned_tokens": planned})
+    started = time.perf_counter()
     for start in range(0, len(prompts), size):
         batch = list(prompts[start : start + size])
         parts.append(_sample_batch(base, batch, first_prompt + start, iteration, config, heads, should_cancel))
         if progress is not None:
-            progress(start + len(batch), len(prompts))
+            tokens = sum(int(part.tokens.numel()) for part in parts)
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            progress(
+                start + len(batch), len(prompts), {"tokens": tokens, "tokens_per_s": rate, "planned_tokens": planned}
+            )
     return merge_rollouts(parts)
+
+
+def planned_tokens(config: TrainingConfig, n_prompts: int, *, first_prompt: int = 0, iteration: int = 0) -> int:
+    """The tokens that `sample_trees` plans for ``n_prompts`` trees (the plans it draws, leaf
+    completion included): an upper bound, since a segment that samples EOS ends early and the
+    nodes below it are not sampled. Cheap: no model runs."""
+    total = 0
+    for t in range(n_prompts):
+        plan = _plan_tree(_plan_rng(config, iteration, first_prompt + t), config)
+        total += sum(plan.length)
+    return total
 
 
 @dataclass
@@ -263,6 +284,11 @@ def _plan_tree(rng: random.Random, config: TrainingConfig) -> _Plan:
     return plan
 
 
+def _plan_rng(config: TrainingConfig, iteration: int, prompt_index: int) -> random.Random:
+    """The generator a tree's plan is drawn from."""
+    return random.Random(f"tree:{config.seed}:{iteration}:{prompt_index}")
+
+
 def _ancestors(plan: _Plan, node: int) -> list[int]:
     """``node`` and every node above it, up to the root."""
     path = []
@@ -298,10 +324,7 @@ def _sample_batch(
         head.begin(input_ids, attention_mask)
     lm_head = base.model.get_output_embeddings()
     eos = torch.tensor(base.eos_token_ids, device=device, dtype=torch.long)
-    plans = [
-        _plan_tree(random.Random(f"tree:{config.seed}:{iteration}:{first_prompt + t}"), config)
-        for t in range(len(prompts))
-    ]
+    plans = [_plan_tree(_plan_rng(config, iteration, first_prompt + t), config) for t in range(len(prompts))]
     offsets = list(itertools.accumulate((len(plan.parent) for plan in plans), initial=0))  # global node ids
 
     def new_row(t: int, node: int) -> tuple[int, int, torch.Generator]:

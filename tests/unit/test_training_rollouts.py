@@ -14,7 +14,7 @@ from mavis_lc.decoding import mavis_step
 from mavis_lc.errors import ConfigurationError, TrainingCancelled
 from mavis_lc.separate_backbone import new_separate_backbone
 from mavis_lc.training import TrainingConfig, TreeRollouts, format_prompts, merge_rollouts, sample_trees
-from mavis_lc.training.rollouts import _sample_step
+from mavis_lc.training.rollouts import _sample_step, planned_tokens
 from mavis_lc.value_model import new_shared_head
 
 CONFIG = TrainingConfig(
@@ -234,3 +234,20 @@ def test_context_check_counts_leaf_completion_beyond_the_budget(base: BaseModel)
     config = replace(CONFIG, t_max_tokens=10, leaf_completion_tokens=1020)
     with pytest.raises(ConfigurationError, match="no room"):
         sample_trees(base, prompts(base)[:1], config)
+
+
+def test_planned_tokens_bound_the_rollouts_and_progress_reports_the_pace(base: BaseModel) -> None:
+    texts = prompts(base)
+    config = replace(CONFIG, leaf_completion_tokens=12)
+    calls: list[tuple[int, int, dict[str, float]]] = []
+    rollouts = sample_trees(base, texts, config, progress=lambda d, n, m: calls.append((d, n, m)))
+    planned = planned_tokens(config, len(texts))
+    assert rollouts.tokens.numel() <= planned
+    assert calls[0] == (0, len(texts), {"tokens": 0, "tokens_per_s": 0.0, "planned_tokens": planned})
+    done, total, last = calls[-1]
+    assert (done, total, last["tokens"]) == (len(texts), len(texts), rollouts.tokens.numel())
+    assert last["tokens_per_s"] > 0 and [c[0] for c in calls] == [0, 2, 4, 5]
+    # With EOS banned throughout, every planned token is sampled: the plan is exact.
+    no_eos = replace(config, min_response_tokens=10_000)
+    assert sample_trees(base, texts, no_eos).tokens.numel() == planned_tokens(no_eos, len(texts))
+    assert planned_tokens(config, 3, iteration=1) != planned_tokens(config, 3)  # plans are drawn per iteration
