@@ -12,10 +12,11 @@ import inspect
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from typing import Annotated, Any
 
 import typer
@@ -23,11 +24,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mavis_lc.base_model import load_base_model
 from mavis_lc.errors import ConfigurationError, MavisError
 from mavis_lc.jobs import cancel, submit_training, wait
 from mavis_lc.registry import JobInfo, Registry
 from mavis_lc.settings import get_settings
-from mavis_lc.training import TrainingConfig
+from mavis_lc.training import TrainingConfig, load_prompts
+from mavis_lc.training.estimate import estimate_rollouts
+from mavis_lc.training.prompts import format_prompts
+from mavis_lc.training.run import rollout_cache_path
 
 jobs_app = typer.Typer(help="Training jobs: list, show, watch, cancel.", no_args_is_help=True)
 
@@ -108,6 +113,32 @@ def _progress_bar() -> _ProgressBar:
     )
 
 
+def _print_estimate(config: TrainingConfig, budget_minutes: float | None) -> None:
+    """Print the run's planned rollout tokens and calibrated time; refuse one over the budget.
+
+    Iteration-0 rollouts already in the shared cache (another objective sampled them) cost nothing.
+
+    Raises:
+        ConfigurationError: the estimate exceeds ``budget_minutes``.
+    """
+    config.validate()
+    if config.prompts is None:
+        return  # submit_training names the missing prompts
+    base = load_base_model(config.base_model, device=config.device)
+    prompts = format_prompts(base.tokenizer, load_prompts(config.prompts, config.max_prompts), config.chat_template)
+    estimate = estimate_rollouts(base, prompts, config)
+    if rollout_cache_path(config, base, prompts).is_file():
+        estimate = replace(estimate, planned_tokens_per_iteration=[0, *estimate.planned_tokens_per_iteration[1:]])
+        console.print("iteration-0 rollouts: reusing the shared cache")
+    console.print(estimate.describe())
+    if budget_minutes is not None and estimate.seconds > budget_minutes * 60:
+        raise ConfigurationError(
+            f"this recipe needs about {estimate.seconds / 60:.1f} min of rollouts on this machine, over "
+            f"--budget-minutes {budget_minutes:g}: use fewer --max-prompts, a smaller --expand-top-m or --k-root, "
+            f"or a shorter --leaf-completion-tokens"
+        )
+
+
 def _report(job: JobInfo) -> None:
     """Print how the job ended; exit 1 unless it succeeded."""
     if job.status == "succeeded":
@@ -124,7 +155,14 @@ def _report(job: JobInfo) -> None:
 
 
 def _train(
-    objective: str, *, shards: int, queue: bool | None, wait_for_it: bool, timeout_s: float | None, **options: Any
+    objective: str,
+    *,
+    shards: int,
+    queue: bool | None,
+    wait_for_it: bool,
+    timeout_s: float | None,
+    budget_minutes: float | None = None,
+    **options: Any,
 ) -> None:
     """Body of ``mavis train``; ``options`` are `TrainingConfig` fields as the flags gave them
     (None for a flag not given: the field keeps its default)."""
@@ -137,9 +175,12 @@ def _train(
     in_process = None if queue is None else not queue
     local = in_process if in_process is not None else get_settings().resolved_broker_url() is None
     if local:
+        started = time.perf_counter()
+        _print_estimate(TrainingConfig(objective=objective, **config), budget_minutes)
         with _progress_bar() as bar:
             job_id = submit_training(objective, config, shards=shards, in_process=True, on_progress=bar.show)
         _report(wait(job_id, timeout_s=0))
+        console.print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min")
         return
     job_id = submit_training(objective, config, shards=shards, in_process=False)
     console.print(job_id)
@@ -197,6 +238,16 @@ def _train_signature() -> inspect.Signature:
         (
             "timeout_s",
             Annotated[float | None, typer.Option(help="With --wait: give up waiting after this many seconds.")],
+            None,
+        ),
+        (
+            "budget_minutes",
+            Annotated[
+                float | None,
+                typer.Option(
+                    help="In-process: refuse to start when the calibrated rollout time exceeds this many minutes."
+                ),
+            ],
             None,
         ),
     ]

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
-from mavis_lc.value_model import ValueModel, check_compatible
+from mavis_lc.value_model import ValueModel, check_compatible, prompt_mean
 from mavis_lc.weights import Weights, weight_matrix
 
 
@@ -120,6 +120,7 @@ def mavis_step(
     temperature: float,
     generators: Sequence[torch.Generator] | None,
     allowed: torch.Tensor | None = None,
+    prompt_hidden: torch.Tensor | None = None,
 ) -> StepOutput:
     """One MAVIS decoding step for a batch.
 
@@ -130,6 +131,7 @@ def mavis_step(
         generators: one per row to sample with; None takes the argmax (greedy).
         allowed: (B, V) bool, the tokens a row may take (say, EOS banned); the top-k is taken
             among them, but ``log_ratio`` is still against the unconstrained base.
+        prompt_hidden: (B, d) the prompt-pooled query of every row (`prompt_mean`), for heads that read it.
     """
     ref_logits = logits.float() / temperature  # (B, V) pi_ref at temperature T
     ref_logprobs = torch.log_softmax(ref_logits, dim=-1)  # (B, V) the unconstrained base
@@ -137,7 +139,9 @@ def mavis_step(
     topk_logits, candidates = legal_logits.topk(top_k, dim=-1)  # (B, k), (B, k)
     ref_k = torch.softmax(topk_logits, dim=-1)  # (B, k) pi_ref^k: the base renormalised over the candidates
     if heads:
-        q = torch.stack([head.q_values(hidden, candidates).float() for head in heads], dim=-1)  # (B, k, M)
+        q = torch.stack(
+            [head.q_values(hidden, candidates, prompt_hidden).float() for head in heads], dim=-1
+        )  # (B, k, M)
     else:
         q = topk_logits.new_zeros(*topk_logits.shape, 0)  # (B, k, 0)
     tilt = beta * (q * weights[:, None, :]).sum(-1)  # (B, k)
@@ -271,13 +275,15 @@ class MavisDecoder:
             for head in self.heads:
                 head.begin(input_ids, attention_mask)
             cache = DynamicCache(config=self.base.model.config)
-            hidden = self._backbone(
+            prompt_states = self._backbone(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
-            ).last_hidden_state[:, -1]  # (B, d)
+            ).last_hidden_state  # (B, P, d)
+            hidden = prompt_states[:, -1]  # (B, d)
+            prompt_hidden = prompt_mean(prompt_states, attention_mask)  # (B, d) the prompt-pooled query
             next_position = position_ids[:, -1]  # (B,)
             no_eos = None
             if cfg.min_new_tokens:
@@ -296,6 +302,7 @@ class MavisDecoder:
                     temperature=temperature,
                     generators=generators,
                     allowed=no_eos if step < cfg.min_new_tokens else None,
+                    prompt_hidden=prompt_hidden,
                 )
                 steps.append((out.log_ratio.double().cpu(), out.log_ratio_topk.double().cpu(), out.tilt.double().cpu()))
             deltas = tracker.push(out.tokens.tolist(), last_step=step + 1 == cfg.max_new_tokens)

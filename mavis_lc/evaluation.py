@@ -275,7 +275,9 @@ class RewardGuidedScorer(ValueModel):
             if not row or row[-1] not in self.eos_ids:
                 row.append(token)
 
-    def q_values(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    def q_values(
+        self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         rows, k = candidate_ids.shape
         active = [b for b, row in enumerate(self.generated) if not row or row[-1] not in self.eos_ids]
         q = torch.zeros(rows, k)  # finished rows: their samples are discarded, so they are not scored

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError, ModelLoadError
-from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel
+from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel, prompt_mean
 
 SEPARATE_BACKBONE = "separate_backbone"
 VALUE_MODES = ("q_head", "scalar")
@@ -49,6 +49,7 @@ class KVBatch:
         self.attention_mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L) 1 = real token
         self.next_position = torch.zeros(0, dtype=torch.long)  # (B,) position of the next real token
         self.hidden = torch.zeros(0, 0)  # (B, d)
+        self.prompt_hidden = torch.zeros(0, 0)  # (B, d) mean final hidden state over each row's prompt
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Start from left-padded prompts: ``input_ids`` and ``attention_mask`` are (B, P)."""
@@ -63,6 +64,7 @@ class KVBatch:
         self.attention_mask = attention_mask
         self.next_position = attention_mask.sum(-1)  # (B,)
         self.hidden = out.last_hidden_state[:, -1]  # (B, d)
+        self.prompt_hidden = prompt_mean(out.last_hidden_state, attention_mask)  # (B, d)
 
     def feed(self, token_ids: torch.Tensor, active: torch.Tensor | None = None) -> None:
         """Append ``token_ids`` (B,); rows where ``active`` (B,) is False get a masked hole instead."""
@@ -84,6 +86,7 @@ class KVBatch:
         self.attention_mask = self.attention_mask[indices]
         self.next_position = self.next_position[indices]
         self.hidden = self.hidden[indices]
+        self.prompt_hidden = self.prompt_hidden[indices]
 
     def candidate_hidden(self, candidate_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states of every row's prefix extended by each candidate, (B, k, d); state unchanged.
@@ -157,8 +160,10 @@ class SeparateBackboneValueModel(ValueModel):
         """Keep (and repeat) rows ``indices`` (R,) of the decoding batch, as `KVBatch.select`."""
         self._require_state().select(indices)
 
-    def q_values(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-        """Q for candidates (B, k) from this model's own state; the base ``hidden`` is not used."""
+    def q_values(
+        self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Q for candidates (B, k) from this model's own state; ``hidden`` and ``prompt_hidden`` are not used."""
         state = self._require_state()
         if self.q_head is not None:
             return self.q_head.q_values(state.hidden, candidate_ids)  # (B, k)

@@ -4,7 +4,12 @@ A value model scores the k candidate next tokens of every decoding state in a ba
 ``q_values(hidden, candidate_ids) -> (B, k)``. The shared-backbone head reads the frozen base
 model's final hidden state h(s) and scores candidates through the base's own token embeddings:
 
-    Q(s, a) = <W h(s) + c, E_a> + b_a + v(s),      v(s) = <w_v, h(s)> + b_v
+    Q(s, a) = <W h(s) + U p + c, E_a> + b_a + v(s),      v(s) = <w_v, h(s)> + b_v
+
+``p`` is the prompt-pooled query (``options["prompt_query"]``, off by default): the mean of the
+base's final hidden states over the prompt's tokens, computed once at prefill, so a head can
+score how a candidate relates to the prompt as such (relevance), not only through the last
+state. Without the option the ``U p`` term is absent.
 
 ``v(s)`` is a per-state baseline: it does not change the tilt (softmax over candidates is
 invariant to it) but lets regression on Monte Carlo targets separate "how good is this state"
@@ -108,8 +113,14 @@ class ValueModel(nn.Module):
     def advance(self, token_ids: torch.Tensor) -> None:
         """Append the chosen tokens, (B,), to every sequence of the batch."""
 
-    def q_values(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-        """Q(s, a) for candidates ``candidate_ids`` (B, k) given base hidden states (B, d) -> (B, k)."""
+    def q_values(
+        self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Q(s, a) for candidates ``candidate_ids`` (B, k) given base hidden states (B, d) -> (B, k).
+
+        ``prompt_hidden`` (B, d) is the mean base final hidden state over each row's prompt
+        tokens (`prompt_mean`); value models without a prompt query ignore it.
+        """
         raise NotImplementedError
 
     def save(self, path: str | Path) -> Path:
@@ -138,14 +149,28 @@ class SharedBackboneQHead(ValueModel):
         self.proj = nn.Linear(d, d)  # W, c
         self.token_bias = nn.Parameter(torch.zeros(config.vocab_size))  # b_a
         self.state_value = nn.Linear(d, 1)  # w_v, b_v
-        for p in (self.proj.weight, self.proj.bias, self.state_value.weight, self.state_value.bias):
+        self.prompt_proj = nn.Linear(d, d, bias=False) if self.prompt_query else None  # U
+        for p in self.parameters():
             nn.init.zeros_(p)
         # The base's embeddings are borrowed, frozen, and never saved with the head.
         self._embeddings = token_embeddings.detach()
 
-    def q_values(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def prompt_query(self) -> bool:
+        """Whether Q reads the prompt-pooled query ``U p``."""
+        return bool(self.config.options.get("prompt_query", False))
+
+    def q_values(
+        self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = hidden.to(self.proj.weight.dtype)  # (B, d)
         query = self.proj(h)  # (B, d)
+        if self.prompt_proj is not None:
+            if prompt_hidden is None:
+                raise IncompatibleHeadError(
+                    f"head for {self.objective!r} reads the prompt-pooled query: pass prompt_hidden (B, d)"
+                )
+            query = query + self.prompt_proj(prompt_hidden.to(h.dtype))  # (B, d)
         cand_emb = self._embeddings[candidate_ids].to(h.dtype)  # (B, k, d)
         q = torch.einsum("bd,bkd->bk", query, cand_emb)  # (B, k)
         return q + self.token_bias[candidate_ids] + self.state_value(h)  # (B, k)
@@ -155,6 +180,13 @@ def new_shared_head(base: BaseModel, objective: str, **config: Any) -> SharedBac
     """A zero-initialised shared-backbone head for ``objective`` on ``base``."""
     head = SharedBackboneQHead(ValueHeadConfig.for_base(base, objective, **config), base.token_embeddings)
     return head.to(base.device)
+
+
+def prompt_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The prompt-pooled query p: the mean of ``hidden`` (B, P, d) over the real tokens of
+    ``attention_mask`` (B, P), in float32 -> (B, d)."""
+    weights = attention_mask.to(torch.float32)[..., None]  # (B, P, 1)
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def read_head_config(source: str | Path | bytes) -> tuple[ValueHeadConfig, dict[str, torch.Tensor]]:

@@ -48,20 +48,28 @@ class TrainingConfig:
         default=2,
         metadata={"help": "Soft policy-improvement iterations (0 samples from pi_ref, later ones from MAVIS)."},
     )
-    k_root: int = field(default=4, metadata={"help": "Branches from the root (the prompt) of each tree."})
+    k_root: int = field(default=2, metadata={"help": "Branches from the root (the prompt) of each tree."})
     k_children: int = field(default=2, metadata={"help": "Children of every later node of a tree."})
-    n_layers: int = field(default=5, metadata={"help": "Segment layers of a tree (L): depth below the root."})
-    segment_min_tokens: int = field(default=4, metadata={"help": "Shortest segment a node samples (tokens)."})
-    segment_max_tokens: int = field(default=12, metadata={"help": "Longest segment a node samples (tokens)."})
+    n_layers: int = field(default=2, metadata={"help": "Segment layers of a tree (L): depth below the root."})
+    segment_min_tokens: int = field(default=2, metadata={"help": "Shortest segment a node samples (tokens)."})
+    segment_max_tokens: int = field(default=32, metadata={"help": "Longest segment a node samples (tokens)."})
     t_max_tokens: int = field(
         default=1024, metadata={"help": "Token budget of one tree; a layer that does not fit is not sampled."}
     )
     leaf_completion_tokens: int = field(
-        default=0,
+        default=48,
         metadata={
             "help": "Sample every node of a tree's deepest layer on until EOS or until its response is this many "
             "tokens long, so leaves are scored as whole responses (set it to the decoding max_tokens); 0: leaves "
             "end with their segment and are scored as partial responses. Outside the t_max_tokens budget."
+        },
+    )
+    expand_top_m: int = field(
+        default=4,
+        metadata={
+            "help": "Contrastive expansion: the nodes of layer n_layers are the m most probable distinct candidates "
+            "of the sampling policy at their parent's state, each continued by sampling, so that state has m "
+            "labelled actions (0: that layer samples k_children like the others)."
         },
     )
     rollout_prompts_per_batch: int = field(
@@ -71,7 +79,7 @@ class TrainingConfig:
     top_k: int = field(default=20, metadata={"help": "Candidate next tokens per step, in rollouts and in the tilt."})
     temperature: float = field(default=1.0, metadata={"help": "Base-model temperature T of the rollouts."})
     beta: float = field(
-        default=1.0,
+        default=4.0,
         metadata={
             "help": "The beta you will decode with: iterations >= 1 sample from the previous head at this guidance "
             "strength, and the soft targets price KL in its units (zeta = 1/beta). Recorded with every version."
@@ -100,18 +108,18 @@ class TrainingConfig:
         metadata={"help": "Separate backbone: q_head (Q over candidates) or scalar (V(prefix + candidate))."},
     )
     learning_rate: float = field(
-        default=3e-5,
+        default=3e-6,
         metadata={"help": "AdamW learning rate of the fit (the shared head's d x d projection diverges at 1e-3)."},
     )
     bias_learning_rate: float = field(
-        default=3e-3,
+        default=1e-2,
         metadata={
             "help": "AdamW learning rate of the shared head's vectors (per-token bias, projection bias, state value)."
         },
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the fit."})
     n_fits: int = field(
-        default=1,
+        default=5,
         metadata={
             "help": "Shared head: fit this many heads, each holding out another validation split, and average "
             "their weights (the head is linear in them, so its Q is the mean of theirs)."
@@ -124,6 +132,21 @@ class TrainingConfig:
             "actions of each branch state against their centred Monte Carlo targets (0: off), beside the per-token MSE."
         },
     )
+    listwise_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Shared head: weight of a listwise term at branch states, the cross-entropy from "
+            "softmax(log pi_ref^k + beta * target) to softmax(log pi_ref^k + beta * Q) over each state's "
+            "sibling actions (the decoding distribution itself), beside the per-token MSE (0: off)."
+        },
+    )
+    prompt_query: bool = field(
+        default=False,
+        metadata={
+            "help": "Shared head: add the prompt-pooled query U p (p = mean base hidden state over the prompt, "
+            "computed once at prefill) to the head's query, so Q can score how a candidate relates to the prompt."
+        },
+    )
     epochs: int = field(default=20, metadata={"help": "Most passes over the training targets per iteration."})
     fit_batch_size: int = field(default=256, metadata={"help": "Shared head: (state, token) pairs per minibatch."})
     sequence_batch_size: int = field(default=8, metadata={"help": "Separate backbone: leaf paths per minibatch."})
@@ -134,7 +157,7 @@ class TrainingConfig:
         default=3, metadata={"help": "Stop after this many epochs without a better selection metric."}
     )
     selection_metric: str = field(
-        default="within_prompt_r2",
+        default="sibling_corr",
         metadata={
             "help": "Validation metric that picks the best epoch: within_prompt_r2 (R² of Q within each prompt), "
             "sibling_corr (correlation of Q differences between sibling actions with their Monte Carlo "
@@ -190,6 +213,23 @@ class TrainingConfig:
         for name in ("temperature", "learning_rate", "bias_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.expand_top_m, bool) or not isinstance(self.expand_top_m, int) or self.expand_top_m < 0:
+            raise ConfigurationError(f"expand_top_m must be an integer >= 0, got {self.expand_top_m!r}")
+        if self.expand_top_m > self.top_k:
+            raise ConfigurationError(
+                f"expand_top_m {self.expand_top_m} must be <= top_k {self.top_k} (it expands candidates of the top-k)"
+            )
+        if not self.listwise_loss_weight >= 0:
+            raise ConfigurationError(f"listwise_loss_weight must be >= 0, got {self.listwise_loss_weight!r}")
+        shared_only = {
+            "listwise_loss_weight": self.listwise_loss_weight > 0,
+            "prompt_query": bool(self.prompt_query),
+        }
+        for name, used in shared_only.items():
+            if used and self.architecture != "shared_q_head":
+                raise ConfigurationError(
+                    f"{name} {getattr(self, name)!r} needs architecture shared_q_head, got {self.architecture!r}"
+                )
         if not self.sibling_loss_weight >= 0:
             raise ConfigurationError(f"sibling_loss_weight must be >= 0, got {self.sibling_loss_weight!r}")
         if self.sibling_loss_weight > 0 and self.architecture != "shared_q_head":

@@ -2,10 +2,16 @@
 
 Every sampled token is one example: the state s_t before it, the token a_t, and its target
 (`mavis_lc.training.targets`); the loss is the MSE of Q(s_t, a_t) against it, minimised with
-AdamW in minibatches. For the shared head, ``sibling_loss_weight`` > 0 adds a term on what the
-tilt uses: every minibatch also draws ``fit_batch_size // 4`` branch states of the training
-trees, centres Q and the Monte Carlo targets over each state's sibling actions, and adds the
-weighted MSE between the two (a per-state offset of Q costs nothing there).
+AdamW in minibatches. For the shared head, two optional terms act on what the tilt uses; for
+them every minibatch also draws ``fit_batch_size // 4`` branch states of the training trees
+(their sibling actions a_1..a_C, with Monte Carlo targets Y and log pi_ref^k from the rollouts):
+
+- ``listwise_loss_weight``: the cross-entropy from ``softmax(log pi_ref^k(a) + beta * Y(a))`` to
+  ``softmax(log pi_ref^k(a) + beta * Q(s, a))`` over each state's siblings, i.e. between the
+  decoding distribution the Monte Carlo values ask for and the one the head gives;
+- ``sibling_loss_weight``: the MSE of Q centred over the siblings against the centred targets.
+
+Neither depends on a per-state offset of Q, which the tilt ignores too.
 
 - Shared-backbone head: the states are the base hidden states the rollouts recorded, so the
   fit never runs the base model (cached features).
@@ -80,6 +86,26 @@ def regression_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict[s
     return {"mse": mse, "r2": r2, "spearman": rho}
 
 
+def listwise_cross_entropy(
+    q: torch.Tensor, target: torch.Tensor, ref_log_prob: torch.Tensor, real: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Mean over states of the cross-entropy from ``softmax(log pi_ref^k + beta * target)`` to
+    ``softmax(log pi_ref^k + beta * q)``: the decoding distribution the Monte Carlo values ask for
+    against the one the head gives, over each state's sibling actions.
+
+    Args:
+        q, target, ref_log_prob: (S, C) Q, Monte Carlo targets and log pi_ref^k of each action.
+        real: (S, C) bool, False for padding (every state needs two real actions).
+
+    It is minimal where ``q - target`` is constant within each state: a per-state offset of Q,
+    which the tilt ignores, costs nothing.
+    """
+    prior = ref_log_prob.masked_fill(~real, float("-inf"))  # (S, C)
+    wanted = torch.softmax(prior + beta * target, dim=-1)  # (S, C)
+    log_given = torch.log_softmax(prior + beta * q, dim=-1).masked_fill(~real, 0.0)  # (S, C)
+    return -(wanted * log_given).sum(-1).mean()
+
+
 def fit_shared_head(
     head: SharedBackboneQHead,
     rollouts: TreeRollouts,
@@ -101,14 +127,18 @@ def fit_shared_head(
     features = rollouts.hidden.to(device)  # (T, d) h(s_t)
     actions = rollouts.tokens.to(device)  # (T,) a_t
     targets = token_target.to(device).float()  # (T,)
+    token_prompt = rollouts.node_prompt[rollouts.token_node()].to(device)  # (T,)
+    prompt_features = rollouts.prompt_hidden.to(device)  # (P, d) the prompt-pooled queries
+    ref_log_prob = (rollouts.log_prob - rollouts.log_ratio_topk).to(device)  # (T,) log pi_ref^k(a_t|s_t)
     held_out = torch.tensor(split_prompts(len(rollouts.prompts), config.val_fraction, config.seed))
-    is_val = held_out[rollouts.node_prompt[rollouts.token_node()]].to(device)  # (T,)
+    is_val = held_out[token_prompt.cpu()].to(device)  # (T,)
     train_idx = torch.nonzero(~is_val).squeeze(1)
     val_idx = torch.nonzero(is_val).squeeze(1)
     measured = held_out if val_idx.numel() else ~held_out
 
     def predict(idx: torch.Tensor) -> torch.Tensor:
-        return head.q_values(features[idx], actions[idx, None]).squeeze(1)  # (n,)
+        prompt = prompt_features[token_prompt[idx]] if head.prompt_query else None  # (n, d)
+        return head.q_values(features[idx], actions[idx, None], prompt).squeeze(1)  # (n,)
 
     def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
         order = train_idx[torch.randperm(train_idx.numel(), generator=generator).to(device)]
@@ -124,10 +154,22 @@ def fit_shared_head(
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         loss = nn.functional.mse_loss(predict(batch), targets[batch])
-        if config.sibling_loss_weight > 0 and groups.numel():
+        if (config.sibling_loss_weight > 0 or config.listwise_loss_weight > 0) and groups.numel():
             picked = groups[torch.randint(groups.shape[0], (max(1, config.fit_batch_size // 4),), generator=draw)]
-            loss = loss + config.sibling_loss_weight * sibling_loss(picked)
+            if config.sibling_loss_weight > 0:
+                loss = loss + config.sibling_loss_weight * sibling_loss(picked)
+            if config.listwise_loss_weight > 0:
+                loss = loss + config.listwise_loss_weight * listwise_loss(picked)
         return loss
+
+    beta = config.beta if config.beta > 0 else 1.0
+
+    def listwise_loss(picked: torch.Tensor) -> torch.Tensor:
+        """`listwise_cross_entropy` over the siblings of each picked state, (S, C) tokens."""
+        real = picked >= 0  # (S, C)
+        index = picked.clamp(min=0)  # (S, C)
+        q = predict(index.flatten()).view(index.shape)  # (S, C)
+        return listwise_cross_entropy(q, targets[index], ref_log_prob[index], real, beta)
 
     def sibling_loss(picked: torch.Tensor) -> torch.Tensor:
         """MSE of centred Q against centred targets over the siblings of each picked state, (S, C) tokens."""

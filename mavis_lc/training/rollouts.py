@@ -10,14 +10,24 @@ in what is left is not sampled (its parents stay leaves); the first layer always
 segments shortened to share the budget. The plan (every node's segment length, layer by
 layer) is drawn before sampling, as if no segment ended early; the nodes below an EOS are
 then simply not sampled. With ``leaf_completion_tokens`` > 0, every node of the deepest
-planned layer samples on until EOS or until its response (root to node) has that many tokens,
-so leaves are whole responses, scored as a user would see them.
+planned layer samples on until EOS or until its response (root to node) has exactly that many
+tokens, so leaves are whole responses, scored as a user would see them.
+
+Contrastive expansion (``expand_top_m`` = m > 0): the nodes of layer ``n_layers`` are not
+``k_children`` samples but the m most probable distinct candidates of the sampling policy at
+their parent's state (deterministic, ranks 0..m-1 of pi's top-k), each then continued by
+sampling. Such a branch state has m labelled actions instead of two random ones: the contrast
+the tilt needs. Its children are ``node_forced``; a parent's value weighs them by pi
+renormalised over them (`mavis_lc.training.targets`), so it still estimates the state's value
+under pi.
 
 Sampling is MAVIS with the given heads at weight 1 (no heads: plain top-k sampling from
 pi_ref), and each token records ``log pi(a|s) - log pi_ref_T(a|s)`` (full-vocabulary
 reference), ``log Z_k(s)``, the log of the base's probability mass on the step's top-k (so
 ``log pi - log pi_ref^k = log_ratio + log_z_k``, the ratio the soft targets use), and the base's
-hidden state h(s) the step read, so the shared-backbone fit needs no second forward. EOS is
+hidden state h(s) the step read, so the shared-backbone fit needs no second forward, and
+``log pi(a|s)`` itself. Per prompt, the prompt-pooled query (the mean of the base's final
+hidden states over the prompt's tokens) is kept for heads that read it. EOS is
 banned until a response has ``min_response_tokens`` tokens (default 1: no empty answers);
 the log-ratios stay against the unconstrained base.
 
@@ -81,6 +91,9 @@ class TreeRollouts:
     log_ratio: torch.Tensor  # (T,) float32: log pi(a_t|s_t) - log pi_ref_T(a_t|s_t)
     log_z_k: torch.Tensor  # (T,) float32: log of pi_ref_T's mass on the top-k candidates of s_t (<= 0)
     hidden: torch.Tensor  # (T, d) float32: base final hidden state h(s_t) before each token
+    log_prob: torch.Tensor  # (T,) float32: log pi(a_t|s_t), the sampling policy's (tilted) probability
+    node_forced: torch.Tensor  # (N,) bool: the node's first token was its parent's rank-r candidate, not a sample
+    prompt_hidden: torch.Tensor  # (P, d) float32: mean base final hidden state over each prompt's tokens
 
     @property
     def log_ratio_topk(self) -> torch.Tensor:
@@ -139,6 +152,7 @@ class TreeRollouts:
 
 _TENSORS = (
     "node_prompt", "node_parent", "node_start", "node_length", "node_eos", "tokens", "log_ratio", "log_z_k", "hidden",
+    "log_prob", "node_forced", "prompt_hidden",
 )  # fmt: skip
 
 
@@ -213,7 +227,7 @@ def sample_trees(
             f"a rollout shard must start at a multiple of rollout_prompts_per_batch={size}, got {first_prompt}"
         )
     if not prompts:
-        return _flatten([], [], first_prompt, [], [], set(), base.hidden_size)
+        return _flatten([], [], first_prompt, [], [], set(), torch.zeros(0, base.hidden_size))
     parts: list[TreeRollouts] = []
     planned = planned_tokens(config, len(prompts), first_prompt=first_prompt, iteration=iteration)
     if progress is not None:  # the plan, before any token: what this call will generate at most
@@ -249,15 +263,17 @@ class _Plan:
     parent: list[int]
     length: list[int]  # planned segment length of every node (0 for the root)
     children: list[list[int]]
+    forced: list[int]  # the rank among pi's candidates a node's first token is forced to; -1: sampled
 
 
 def _plan_tree(rng: random.Random, config: TrainingConfig) -> _Plan:
     """Plan the full tree layer by layer (breadth first), as if no segment ended with EOS."""
-    plan = _Plan(parent=[-1], length=[0], children=[[]])
+    plan = _Plan(parent=[-1], length=[0], children=[[]], forced=[-1])
     budget = config.t_max_tokens
     previous = [0]
     for layer in range(1, config.n_layers + 1):
-        fan_out = config.k_root if layer == 1 else config.k_children
+        expand = config.expand_top_m > 0 and layer == config.n_layers
+        fan_out = config.expand_top_m if expand else config.k_root if layer == 1 else config.k_children
         count = len(previous) * fan_out
         if layer > 1 and count * config.segment_min_tokens > budget:
             break
@@ -274,13 +290,14 @@ def _plan_tree(rng: random.Random, config: TrainingConfig) -> _Plan:
             plan.parent.append(parent)
             plan.length.append(length)
             plan.children.append([])
+            plan.forced.append(i % fan_out if expand else -1)
             plan.children[parent].append(node)
             current.append(node)
         previous = current
     if config.leaf_completion_tokens:
         for node in previous:
             depth = sum(plan.length[n] for n in _ancestors(plan, plan.parent[node]))
-            plan.length[node] = max(plan.length[node], config.leaf_completion_tokens - depth)
+            plan.length[node] = max(1, config.leaf_completion_tokens - depth)
     return plan
 
 
@@ -320,6 +337,7 @@ def _sample_batch(
         )
     state = KVBatch(base.model.base_model, base.model.get_input_embeddings())
     state.prefill(input_ids, attention_mask)
+    prompt_hidden = state.prompt_hidden.float().cpu()  # (G, d) the prompt-pooled query of every tree
     for head in heads:
         head.begin(input_ids, attention_mask)
     lm_head = base.model.get_output_embeddings()
@@ -343,7 +361,7 @@ def _sample_batch(
     no_eos = torch.ones(1, base.vocab_size, dtype=torch.bool, device=device)  # (1, V)
     no_eos[:, eos] = False
     ended_with_eos: set[int] = set()
-    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    records: list[tuple[torch.Tensor, ...]] = []
     while rows:
         if should_cancel is not None and should_cancel():
             raise TrainingCancelled("rollouts cancelled")
@@ -351,7 +369,9 @@ def _sample_batch(
         planned = torch.tensor([plans[t].length[n] for t, n, _ in rows], device=device)  # (R,)
         hidden = state.hidden  # (R, d) h(s) of every row
         short = (depth + count < config.min_response_tokens)[:, None]  # (R, 1) EOS still banned
-        tokens, log_ratio, log_z_k = _sample_step(
+        rank = [plans[t].forced[n] for t, n, _ in rows]
+        forced = torch.tensor(rank, device=device).masked_fill(count > 0, -1)  # (R,) only a node's first token
+        tokens, log_ratio, log_z_k, log_prob = _sample_step(
             lm_head(hidden),
             hidden,
             heads,
@@ -360,8 +380,10 @@ def _sample_batch(
             temperature=config.temperature,
             generators=[g for _, _, g in rows],
             allowed=no_eos | ~short if bool(short.any()) else None,
-        )  # (R,), (R,), (R,)
-        records.append((node_id, tokens, log_ratio, log_z_k, hidden))
+            forced=forced if bool((forced >= 0).any()) else None,
+            prompt_hidden=state.prompt_hidden,
+        )  # (R,) each
+        records.append((node_id, tokens, log_ratio, log_z_k, hidden, log_prob))
         count += 1
         hit_eos = torch.isin(tokens, eos)  # (R,)
         done = hit_eos | (count >= planned)  # (R,)
@@ -391,7 +413,7 @@ def _sample_batch(
         state.feed(tokens)
         for head in heads:
             head.advance(tokens)
-    return _flatten(plans, prompts, first_prompt, offsets, records, ended_with_eos, base.hidden_size)
+    return _flatten(plans, prompts, first_prompt, offsets, records, ended_with_eos, prompt_hidden)
 
 
 def _select(state: KVBatch, heads: Sequence[ValueModel], index: torch.Tensor) -> None:
@@ -412,7 +434,9 @@ def _sample_step(
     temperature: float,
     generators: Sequence[torch.Generator],
     allowed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    forced: torch.Tensor | None = None,
+    prompt_hidden: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One rollout step: `mavis_step`'s pi with every head at weight 1, sampled from each row's generator.
 
     The distribution is exactly `mavis_step`'s; the randomness differs: the exponential race
@@ -423,11 +447,14 @@ def _sample_step(
         logits: base next-token logits, (R, V); hidden: base hidden states, (R, d).
         generators: one per row.
         allowed: (R, V) or (1, V) bool, the tokens the top-k is taken among (None: all).
+        forced: (R,) long: where >= 0, the row takes pi's candidate of that rank (0: the most
+            probable) instead of a sample; -1: it samples.
+        prompt_hidden: (R, d) the prompt-pooled query of every row.
 
     Returns:
         The sampled tokens (R,), their ``log pi(a|s) - log pi_ref_T(a|s)`` against the
-        unconstrained base (R,), and ``log Z_k(s)``, the log of the base's mass on the
-        candidates (R,).
+        unconstrained base (R,), ``log Z_k(s)``, the log of the base's mass on the
+        candidates (R,), and ``log pi(a|s)`` (R,).
     """
     ref_logits = logits.float() / temperature  # (R, V) pi_ref at temperature T
     log_normaliser = torch.logsumexp(ref_logits, dim=-1)  # (R,)
@@ -436,13 +463,18 @@ def _sample_step(
     log_z_k = torch.logsumexp(topk_logits, dim=-1) - log_normaliser  # (R,)
     tilt = torch.zeros_like(topk_logits)  # (R, k)
     for head in heads:
-        tilt += beta * head.q_values(hidden, candidates).float()
+        tilt += beta * head.q_values(hidden, candidates, prompt_hidden).float()
     log_probs = torch.log_softmax(topk_logits + tilt, dim=-1)  # (R, k) log pi over the candidates
     noise = torch.stack([torch.empty(top_k, device=logits.device).exponential_(generator=g) for g in generators])
     choice = (log_probs.exp() / noise).argmax(dim=-1, keepdim=True)  # (R, 1) the exponential race
+    if forced is not None:
+        by_rank = log_probs.argsort(dim=-1, descending=True, stable=True)  # (R, k) most probable first
+        ranked = by_rank.gather(1, forced.clamp(min=0)[:, None])  # (R, 1)
+        choice = torch.where(forced[:, None] >= 0, ranked, choice)  # (R, 1)
     tokens = candidates.gather(1, choice).squeeze(1)  # (R,)
+    log_prob = log_probs.gather(1, choice).squeeze(1)  # (R,)
     ref_log_prob = topk_logits.gather(1, choice).squeeze(1) - log_normaliser  # (R,)
-    return tokens, log_probs.gather(1, choice).squeeze(1) - ref_log_prob, log_z_k
+    return tokens, log_prob - ref_log_prob, log_z_k, log_prob
 
 
 def _flatten(
@@ -450,11 +482,12 @@ def _flatten(
     prompts: list[str],
     first_prompt: int,
     offsets: list[int],
-    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    records: list[tuple[torch.Tensor, ...]],
     ended_with_eos: set[int],
-    hidden_size: int,
+    prompt_hidden: torch.Tensor,
 ) -> TreeRollouts:
-    """Gather the per-step records (node id, token, log-ratio, log Z_k, hidden state of every row) into trees.
+    """Gather the per-step records (node id, token, log-ratio, log Z_k, hidden state, log pi of
+    every row) into trees; ``prompt_hidden`` (P, d) is every prompt's pooled query.
 
     Nodes keep their planned (breadth-first) order, so parents come before children; a node
     is stored when it sampled at least one token (roots always).
@@ -467,15 +500,17 @@ def _flatten(
         log_ratio = torch.cat([r[2] for r in records]).float().cpu()[order]
         log_z_k = torch.cat([r[3] for r in records]).float().cpu()[order]
         hidden = torch.cat([r[4] for r in records]).float().cpu()[order]
+        log_prob = torch.cat([r[5] for r in records]).float().cpu()[order]
     else:
         node_id = tokens = torch.zeros(0, dtype=torch.long)
-        log_ratio = log_z_k = torch.zeros(0)
-        hidden = torch.zeros(0, hidden_size)
+        log_ratio = log_z_k = log_prob = torch.zeros(0)
+        hidden = torch.zeros(0, prompt_hidden.shape[1])
     length = torch.bincount(node_id, minlength=offsets[-1] if offsets else 0).tolist()
     stored: dict[int, int] = {}  # global node id -> index among the stored nodes
     node_prompt: list[int] = []
     node_parent: list[int] = []
     node_length: list[int] = []
+    forced: list[bool] = []
     for t, plan in enumerate(plans):
         for node, parent in enumerate(plan.parent):
             g = offsets[t] + node
@@ -485,6 +520,7 @@ def _flatten(
             node_prompt.append(t)
             node_parent.append(stored[offsets[t] + parent] if parent >= 0 else -1)
             node_length.append(length[g])
+            forced.append(plan.forced[node] >= 0)
     lengths = torch.tensor(node_length, dtype=torch.long)
     return TreeRollouts(
         first_prompt=first_prompt,
@@ -498,6 +534,9 @@ def _flatten(
         log_ratio=log_ratio,
         log_z_k=log_z_k,
         hidden=hidden,
+        log_prob=log_prob,
+        node_forced=torch.tensor(forced, dtype=torch.bool),
+        prompt_hidden=prompt_hidden,
     )
 
 

@@ -50,8 +50,9 @@ ProgressCallback = Callable[[str, int, int, int, dict[str, float]], None]
 _ROLLOUT_FIELDS = (
     "k_root", "k_children", "n_layers", "segment_min_tokens", "segment_max_tokens", "t_max_tokens",
     "leaf_completion_tokens", "rollout_prompts_per_batch", "top_k", "temperature", "seed", "min_response_tokens",
+    "expand_top_m",
 )  # fmt: skip
-_ROLLOUT_FORMAT = 2  # 2: log Z_k per token, the iteration in every seed
+_ROLLOUT_FORMAT = 3  # 2: log Z_k per token, the iteration in every seed; 3: log pi, forced nodes, prompt query
 
 
 @dataclass
@@ -294,7 +295,10 @@ def _warm_start(
                 base, objective.name, n_layers=config.backbone_layers, mode=config.value_mode,
                 reward_mean=mean, reward_std=std, iteration=iteration,
             )  # fmt: skip
-        return new_shared_head(base, objective.name, reward_mean=mean, reward_std=std, iteration=iteration)
+        options = {"prompt_query": True} if config.prompt_query else {}
+        return new_shared_head(
+            base, objective.name, reward_mean=mean, reward_std=std, iteration=iteration, options=options
+        )
     previous.config = dataclasses.replace(previous.config, iteration=iteration, reward_mean=mean, reward_std=std)
     return _trainable(previous)
 

@@ -16,9 +16,13 @@ Definitions (N nodes, T tokens of a `TreeRollouts`):
   and ``g_u`` the sum of the log-ratios ``l_t`` of node u's own segment tokens::
 
       V(leaf) = r_leaf
-      V(u)    = mean over children c of ( V(c) - zeta * g_c )
+      V(u)    = sum over children c of  w_c * ( V(c) - zeta * g_c )
 
-  With ``zeta = 0`` (iteration 0) this is the plain mean of the children's values.
+  where ``w_c = 1 / (number of children)`` for sampled children (the Monte Carlo mean), and
+  for the forced children of a contrastive expansion (the top-m candidates a_c of pi at u's
+  state, `mavis_lc.training.rollouts`) ``w_c = pi(a_c) / sum over siblings of pi(a_c')``: pi
+  renormalised over them, so V(u) still estimates the state's value under pi. With ``zeta = 0``
+  (iteration 0) and sampled children this is the plain mean of the children's values.
 - Token target (dense supervision): token j (1-based) of node u's segment, with log-ratios
   ``l_1..l_m``, is the action taken in the state before it, and its target is::
 
@@ -102,6 +106,21 @@ def reward_stats(leaf_reward: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), max(std, MIN_REWARD_STD)
 
 
+def child_weights(rollouts: TreeRollouts) -> torch.Tensor:
+    """(N,) float64: every node's weight ``w_c`` among its siblings (see the module docstring);
+    the weights of one parent's children sum to 1 (roots: 1)."""
+    parent = rollouts.node_parent
+    has_parent = parent >= 0
+    slot = parent.clamp(min=0)  # (N,) roots put their (unused) weight in slot 0
+    # A forced child weighs pi(a_c); a sampled child weighs 1: normalised per parent, the mean.
+    first = rollouts.node_start.clamp(max=max(rollouts.tokens.numel() - 1, 0))
+    log_prob = rollouts.log_prob.double()[first] if rollouts.tokens.numel() else torch.zeros(rollouts.n_nodes)
+    raw = torch.where(rollouts.node_forced, log_prob.exp(), torch.ones_like(log_prob))
+    raw = torch.where(has_parent, raw, torch.zeros_like(raw))
+    total = torch.zeros(rollouts.n_nodes, dtype=torch.float64).index_add_(0, slot, raw)
+    return torch.where(has_parent, raw / total[slot].clamp(min=1e-300), torch.ones_like(raw))
+
+
 def compute_targets(
     rollouts: TreeRollouts, leaf_reward: torch.Tensor, *, reward_mean: float, reward_std: float, zeta: float
 ) -> TreeTargets:
@@ -117,6 +136,7 @@ def compute_targets(
     length = rollouts.node_length.tolist()
     log_ratio = rollouts.log_ratio_topk.double()
     segment_sum = [float(log_ratio[s : s + n].sum()) for s, n in zip(start, length, strict=True)]
+    weight = child_weights(rollouts).tolist()
     child_sum = [0.0] * len(parent)
     child_count = [0] * len(parent)
     value = [math.nan] * len(parent)
@@ -125,9 +145,9 @@ def compute_targets(
         if child_count[u] == 0:
             value[u] = normalised[u] if parent[u] >= 0 else math.nan
         else:
-            value[u] = child_sum[u] / child_count[u]
+            value[u] = child_sum[u]
         if parent[u] >= 0:
-            child_sum[parent[u]] += value[u] - zeta * segment_sum[u]
+            child_sum[parent[u]] += weight[u] * (value[u] - zeta * segment_sum[u])
             child_count[parent[u]] += 1
     token_target = torch.empty(rollouts.tokens.shape[0], dtype=torch.float64)
     for u, (s, n) in enumerate(zip(start, length, strict=True)):

@@ -190,3 +190,17 @@ def test_cli_train_without_objective_options_uses_the_defaults(config: dict[str,
     [job] = Registry().list_jobs()
     assert job.config["objective_options"] == {} and job.config["n_fits"] == 2
     assert "succeeded: registered length_score@1" in result.output
+
+
+def test_cli_train_prints_the_rollout_estimate_and_refuses_a_recipe_over_budget(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    flags = [*train_flags(config, tmp_path), "--n-iterations", "2"]  # iteration 1 is never cached
+    runner = CliRunner()
+    refused = runner.invoke(app, ["train", REWARD, *flags, "--budget-minutes", "0.000001"])
+    assert refused.exit_code == 1
+    assert "over --budget-minutes" in " ".join(refused.output.split())
+    assert Registry().list_jobs() == []  # refused before any job exists
+    result = runner.invoke(app, ["train", REWARD, *flags, "--budget-minutes", "60"])
+    assert result.exit_code == 0, result.output
+    assert "rollouts: at most" in result.output and "tok/s" in result.output and "wall time:" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from mavis_lc.training import (
     sample_trees,
     split_prompts,
 )
+from mavis_lc.training.fit import listwise_cross_entropy
 from mavis_lc.training.metrics import sibling_groups
 from mavis_lc.training.rollouts import TreeRollouts
 from mavis_lc.value_model import new_shared_head
@@ -28,6 +30,7 @@ from mavis_lc.value_model import new_shared_head
 CONFIG = TrainingConfig(
     k_root=2, k_children=2, n_layers=2, segment_min_tokens=2, segment_max_tokens=4, top_k=10,
     rollout_prompts_per_batch=4, epochs=8, fit_batch_size=16, learning_rate=1e-2, val_fraction=0.25, patience=8,
+    expand_top_m=0, leaf_completion_tokens=0, n_fits=1, bias_learning_rate=3e-3,
 )  # fmt: skip
 TEXTS = ["I love cats", "awful rain", "Tell me", "Numbers 1 2", "Hi there", "sunny days", "bad news", "fox"]
 
@@ -48,9 +51,11 @@ def tree_data(base: BaseModel) -> tuple[TreeRollouts, torch.Tensor]:
     return rollouts, targets.token_target
 
 
-def test_fit_changes_every_trainable_parameter_and_lowers_the_loss(base: BaseModel) -> None:
+@pytest.mark.parametrize("prompt_query", [False, True])
+def test_fit_changes_every_trainable_parameter_and_lowers_the_loss(base: BaseModel, prompt_query: bool) -> None:
     rollouts, target = tree_data(base)
-    head = new_shared_head(base, "obj")
+    head = new_shared_head(base, "obj", options={"prompt_query": True} if prompt_query else {})
+    assert (head.prompt_proj is not None) == prompt_query
     before = {name: p.detach().clone() for name, p in head.named_parameters() if p.requires_grad}
     result = fit_shared_head(head, rollouts, target, CONFIG)
     for name, p in head.named_parameters():
@@ -88,7 +93,8 @@ def test_fit_selects_the_epoch_best_on_the_selection_metric(base: BaseModel, met
     assert result.metrics["sibling_pairs"] > 0
 
 
-def test_sibling_loss_teaches_the_differences_between_sibling_actions(base: BaseModel) -> None:
+@pytest.mark.parametrize("term", ["sibling_loss_weight", "listwise_loss_weight"])
+def test_state_terms_teach_the_differences_between_sibling_actions(base: BaseModel, term: str) -> None:
     rollouts, target = tree_data(base)
     groups = sibling_groups(rollouts, torch.ones(len(rollouts.prompts), dtype=torch.bool))  # (G, C)
     real = groups >= 0
@@ -103,12 +109,29 @@ def test_sibling_loss_teaches_the_differences_between_sibling_actions(base: Base
     errors = {}
     for weight in (0.0, 20.0):
         head = new_shared_head(base, "obj")
-        fit_shared_head(head, rollouts, target, replace(config, sibling_loss_weight=weight))
+        fit_shared_head(head, rollouts, target, replace(config, **{term: weight}))
         with torch.no_grad():
             errors[weight] = centred_error(head.q_values(rollouts.hidden, rollouts.tokens[:, None]).squeeze(1))
     assert errors[20.0] < 0.75 * errors[0.0]
-    with pytest.raises(ConfigurationError, match=r"sibling_loss_weight 1\.0 needs architecture shared_q_head"):
-        replace(CONFIG, sibling_loss_weight=1.0, architecture="separate_backbone").validate()
+    with pytest.raises(ConfigurationError, match=rf"{term} 1\.0 needs architecture shared_q_head"):
+        replace(CONFIG, architecture="separate_backbone", **{term: 1.0}).validate()
+
+
+def test_listwise_cross_entropy_by_hand_and_its_invariances() -> None:
+    prior = torch.tensor([[0.5, 0.3, 0.2]]).log()  # (1, 3) log pi_ref^k; the third action is padding
+    real = torch.tensor([[True, True, False]])
+    target = torch.tensor([[1.0, 0.0, 9.0]])
+    q = torch.tensor([[0.0, 1.0, -9.0]], requires_grad=True)
+    loss = listwise_cross_entropy(q, target, prior, real, beta=2.0)
+    wanted = torch.softmax(torch.tensor([math.log(0.5) + 2.0, math.log(0.3)]), dim=0)
+    given = torch.log_softmax(torch.tensor([math.log(0.5), math.log(0.3) + 2.0]), dim=0)
+    assert float(loss) == pytest.approx(float(-(wanted * given).sum()), rel=1e-6)
+    # A per-state offset of Q changes nothing; Q = target + c is the minimum.
+    shifted = listwise_cross_entropy(q.detach() + 5.0, target, prior, real, beta=2.0)
+    assert float(shifted) == pytest.approx(float(loss), rel=1e-6)
+    best = (target + 3.0).requires_grad_(True)
+    listwise_cross_entropy(best, target, prior, real, beta=2.0).backward()
+    assert best.grad is not None and float(best.grad.abs().max()) < 1e-6
 
 
 def test_selection_metric_is_checked() -> None:

@@ -36,6 +36,9 @@ def trees(n_prompts: int, same_action: bool = False) -> TreeRollouts:
         log_ratio=torch.zeros(6 * n_prompts),
         log_z_k=torch.zeros(6 * n_prompts),
         hidden=torch.zeros(6 * n_prompts, 2),
+        log_prob=torch.zeros(6 * n_prompts),
+        node_forced=torch.zeros(n, dtype=torch.bool),
+        prompt_hidden=torch.zeros(n_prompts, 2),
     )
 
 

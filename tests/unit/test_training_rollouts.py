@@ -19,7 +19,7 @@ from mavis_lc.value_model import new_shared_head
 
 CONFIG = TrainingConfig(
     k_root=3, k_children=2, n_layers=3, segment_min_tokens=2, segment_max_tokens=5, t_max_tokens=200,
-    rollout_prompts_per_batch=2, top_k=8,
+    rollout_prompts_per_batch=2, top_k=8, expand_top_m=0, leaf_completion_tokens=0,
 )  # fmt: skip
 TEXTS = ["I love cats", "The weather is awful", "Tell me a story", "Numbers 1 2 3", "Hi"]
 
@@ -167,10 +167,11 @@ def test_rollout_step_samples_what_mavis_step_would(base: BaseModel) -> None:
     settings: dict[str, Any] = {"beta": 0.7, "top_k": 5, "temperature": 0.8}
     expected = mavis_step(logits, hidden, [head], torch.ones(6, 1), **settings, generators=None)
     rngs = [torch.Generator().manual_seed(i) for i in range(6)]
-    tokens, log_ratio, log_z_k = _sample_step(logits, hidden, [head], **settings, generators=rngs)
+    tokens, log_ratio, log_z_k, log_prob = _sample_step(logits, hidden, [head], **settings, generators=rngs)
     is_token = expected.candidates == tokens[:, None]  # (6, 5)
     assert bool(is_token.any(1).all())
     log_pi = expected.probs[is_token].log()  # (6,)
+    torch.testing.assert_close(log_prob, log_pi)
     log_ref = torch.log_softmax(logits / 0.8, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(log_ratio, log_pi - log_ref)
     log_ref_k = torch.log_softmax(torch.gather(logits / 0.8, 1, expected.candidates), dim=-1)[is_token]  # (6,)
@@ -178,9 +179,18 @@ def test_rollout_step_samples_what_mavis_step_would(base: BaseModel) -> None:
     # Many rows in one state: the sampled frequencies are pi's.
     n = 4000
     many = [torch.Generator().manual_seed(i) for i in range(n)]
-    tokens, _, _ = _sample_step(logits[:1].expand(n, -1), hidden[:1].expand(n, -1), [head], **settings, generators=many)
+    tokens, _, _, _ = _sample_step(
+        logits[:1].expand(n, -1), hidden[:1].expand(n, -1), [head], **settings, generators=many
+    )
     frequency = (expected.candidates[0][:, None] == tokens[None, :]).double().mean(1)  # (5,)
     torch.testing.assert_close(frequency, expected.probs[0].double(), atol=0.03, rtol=0)
+    # Forced ranks take pi's candidates in order of probability, whatever the generator draws.
+    forced = torch.tensor([0, 1, 2, 3, 4, -1])
+    tokens, _, _, log_prob = _sample_step(logits, hidden, [head], **settings, generators=rngs, forced=forced)
+    order = expected.probs.argsort(dim=-1, descending=True)  # (6, 5)
+    for row in range(5):
+        assert int(tokens[row]) == int(expected.candidates[row, order[row, row]])
+        assert float(log_prob[row].exp()) == pytest.approx(float(expected.probs[row, order[row, row]]), rel=1e-5)
 
 
 def test_leaf_completion_samples_leaves_to_whole_responses(base: BaseModel) -> None:
@@ -251,3 +261,36 @@ def test_planned_tokens_bound_the_rollouts_and_progress_reports_the_pace(base: B
     no_eos = replace(config, min_response_tokens=10_000)
     assert sample_trees(base, texts, no_eos).tokens.numel() == planned_tokens(no_eos, len(texts))
     assert planned_tokens(config, 3, iteration=1) != planned_tokens(config, 3)  # plans are drawn per iteration
+
+
+def test_expansion_forces_the_top_m_distinct_candidates_of_pi(base: BaseModel) -> None:
+    config = replace(CONFIG, n_layers=2, expand_top_m=3, t_max_tokens=10_000, leaf_completion_tokens=12)
+    rollouts = sample_trees(base, prompts(base), config)
+    parent = rollouts.node_parent.tolist()
+    depth = [0] * rollouts.n_nodes
+    for node, p in enumerate(parent):
+        depth[node] = 0 if p < 0 else depth[p] + 1
+    assert all(bool(rollouts.node_forced[n]) == (depth[n] == 2) for n in range(rollouts.n_nodes))
+    groups: dict[int, list[int]] = {}
+    for node in torch.nonzero(rollouts.node_forced).squeeze(1).tolist():
+        groups.setdefault(parent[node], []).append(node)
+    assert len(groups) == sum(1 for n in range(rollouts.n_nodes) if depth[n] == 1 and not rollouts.node_eos[n])
+    lm_head = base.model.get_output_embeddings()
+    for kids in groups.values():
+        assert len(kids) == 3
+        first = rollouts.node_start[kids]  # (3,) each child's forced first token
+        state = rollouts.hidden[first]  # (3, d): all three read their parent's last state
+        torch.testing.assert_close(state, state[:1].expand(3, -1))
+        with torch.no_grad():
+            logits, candidates = (lm_head(state[:1]).float() / config.temperature).topk(config.top_k)  # (1, k)
+        assert rollouts.tokens[first].tolist() == candidates[0, :3].tolist()  # ranks 0, 1, 2 of pi = pi_ref^k
+        expected = torch.log_softmax(logits, dim=-1)[0, :3]
+        torch.testing.assert_close(rollouts.log_prob[first], expected, atol=1e-5, rtol=0)
+    # Leaves are completed to exactly leaf_completion_tokens (or end with EOS).
+    eos = set(base.eos_token_ids)
+    for leaf in rollouts.leaves().tolist():
+        path = rollouts.response_tokens(leaf)
+        assert len(path) == 12 or path[-1] in eos
+    assert planned_tokens(config, len(TEXTS)) >= rollouts.tokens.numel()
+    with pytest.raises(ConfigurationError, match="expand_top_m 9 must be <= top_k 8"):
+        replace(config, expand_top_m=9).validate()

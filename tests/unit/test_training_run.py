@@ -70,8 +70,8 @@ def test_two_iterations_produce_loadable_heads(config: TrainingConfig, tmp_path:
     assert result.iterations[1].metrics["mean_kl_topk"] > 0
     assert result.iterations[0].metrics["mean_kl"] > 0  # the top-k cut alone
     # The version records the rollout beta and the zeta it implies.
-    assert (result.params["beta"], result.params["zeta"]) == (1.0, 1.0)
-    assert json.loads((tmp_path / "job" / "targets-1.json").read_text())["zeta"] == 1.0
+    assert (result.params["beta"], result.params["zeta"]) == (4.0, 0.25)  # the default decoding beta
+    assert json.loads((tmp_path / "job" / "targets-1.json").read_text())["zeta"] == 0.25
     assert json.loads((tmp_path / "job" / "targets-0.json").read_text())["zeta"] == 0.0
 
 
@@ -113,7 +113,7 @@ def test_a_failing_reward_names_the_objective_and_leaves_no_targets(config: Trai
 
 def test_separate_backbone_training(config: TrainingConfig, tmp_path: Path) -> None:
     result = train_objective(
-        replace(config, architecture="separate_backbone", backbone_layers=1, value_mode="scalar"),
+        replace(config, architecture="separate_backbone", backbone_layers=1, value_mode="scalar", n_fits=1),
         workdir=tmp_path / "job",
     )
     head_config, _ = read_head_config(result.final.read_bytes())

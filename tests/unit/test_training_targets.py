@@ -32,6 +32,9 @@ def hand_tree() -> TreeRollouts:
         log_ratio=torch.tensor([0.1, 0.2, 0.3, 0.5, 0.25, 1.0]),
         log_z_k=torch.zeros(6),
         hidden=torch.zeros(6, 4),
+        log_prob=torch.full((6,), -1.0),
+        node_forced=torch.zeros(5, dtype=torch.bool),
+        prompt_hidden=torch.zeros(1, 4),
     )
 
 
@@ -43,6 +46,19 @@ def test_hand_built_tree_hard_targets() -> None:
     targets = compute_targets(hand_tree(), LEAF_REWARD, reward_mean=1.0, reward_std=2.0, zeta=0.0)
     assert targets.node_value[1:].tolist() == [1.0, 1.0, 2.0, 0.0]
     assert targets.token_target.tolist() == [1.0, 1.0, 1.0, 2.0, 2.0, 0.0]
+
+
+def test_forced_children_are_weighted_by_pi_renormalised_over_them() -> None:
+    # C and D are A's top-2 candidates with pi(C0) = 0.6, pi(D0) = 0.2: weights 0.75 and 0.25.
+    tree = hand_tree()
+    log_prob = tree.log_prob.clone()
+    log_prob[3], log_prob[5] = math.log(0.6), math.log(0.2)
+    forced = TreeRollouts(**{**vars(tree), "log_prob": log_prob, "node_forced": torch.tensor([0, 0, 0, 1, 1]).bool()})
+    hard = compute_targets(forced, LEAF_REWARD, reward_mean=1.0, reward_std=2.0, zeta=0.0)
+    assert hard.node_value[1:].tolist() == pytest.approx([0.75 * 2.0 + 0.25 * 0.0, 1.0, 2.0, 0.0])
+    soft = compute_targets(forced, LEAF_REWARD, reward_mean=1.0, reward_std=2.0, zeta=0.5)
+    # V(A) = 0.75 * (2 - .5 * (.5 + .25)) + 0.25 * (0 - .5 * 1.0) = 1.21875
+    assert float(soft.node_value[1]) == pytest.approx(0.75 * 1.625 + 0.25 * -0.5)
 
 
 def test_hand_built_tree_soft_targets_count_only_future_log_ratios() -> None:

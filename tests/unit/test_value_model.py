@@ -13,7 +13,14 @@ import torch
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.errors import IncompatibleHeadError, ModelLoadError
-from mavis_lc.value_model import ValueHeadConfig, load_value_model, new_shared_head, read_head_config
+from mavis_lc.value_model import (
+    SharedBackboneQHead,
+    ValueHeadConfig,
+    load_value_model,
+    new_shared_head,
+    prompt_mean,
+    read_head_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +46,56 @@ def test_q_values_follow_the_formula(base: BaseModel) -> None:
                 v = head.state_value.weight[0] @ hidden[b] + head.state_value.bias[0]
                 expected = u @ e[a] + head.token_bias[a] + v
             assert float(q[b, j]) == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+
+
+def test_prompt_query_adds_u_p_to_the_query_and_round_trips(base: BaseModel, tmp_path: Path) -> None:
+    head = new_shared_head(base, "relevance", options={"prompt_query": True})
+    assert head.prompt_proj is not None and float(head.prompt_proj.weight.abs().sum()) == 0.0
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        head.prompt_proj.weight.copy_(torch.randn(head.prompt_proj.weight.shape, generator=g))
+    hidden = torch.randn(2, base.hidden_size, generator=g)
+    prompt = torch.randn(2, base.hidden_size, generator=g)
+    candidates = torch.tensor([[3, 5], [7, 3]])
+    with torch.no_grad():
+        q = head.q_values(hidden, candidates, prompt)
+        expected = torch.einsum("bd,bkd->bk", prompt @ head.prompt_proj.weight.T, base.token_embeddings[candidates])
+    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)  # the other parameters are zero
+    with pytest.raises(IncompatibleHeadError, match="pass prompt_hidden"):
+        head.q_values(hidden, candidates)
+    loaded = load_value_model(head.save(tmp_path / "head.safetensors"), base)
+    assert "prompt_proj.weight" in loaded.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.q_values(hidden, candidates, prompt), q)
+
+
+def test_prompt_mean_ignores_left_padding() -> None:
+    hidden = torch.arange(12, dtype=torch.float32).view(2, 3, 2)  # (B, P, d)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    torch.testing.assert_close(prompt_mean(hidden, mask), torch.tensor([[3.0, 4.0], [8.0, 9.0]]))
+
+
+def test_the_decoder_passes_each_row_its_prompt_mean(base: BaseModel) -> None:
+    seen: list[torch.Tensor] = []
+
+    class Recording(SharedBackboneQHead):
+        def q_values(
+            self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            assert prompt_hidden is not None
+            seen.append(prompt_hidden.clone())
+            return super().q_values(hidden, candidate_ids, prompt_hidden)
+
+    fresh = new_shared_head(base, "positivity", options={"prompt_query": True})
+    head = Recording(fresh.config, base.token_embeddings)
+    texts = ["Hello there", "A much longer prompt than the first one"]
+    MavisDecoder(base, [head]).generate(texts, {"positivity": 1.0}, DecodeConfig(max_new_tokens=3))
+    for row, text in enumerate(texts):
+        ids = base.tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            states = base.model.base_model(input_ids=ids).last_hidden_state  # (1, P, d)
+        torch.testing.assert_close(seen[0][row], states[0].mean(0), atol=1e-4, rtol=1e-4)
+        assert all(torch.equal(step[row], seen[0][row]) for step in seen)  # computed once, at prefill
 
 
 def test_a_fresh_head_is_zero_and_reproduces_base_sampling(base: BaseModel) -> None:
