@@ -1,7 +1,7 @@
 """Does steering work? Train value heads, then measure reward gains on held-out prompts.
 
 For each objective (default: positivity, and conciseness, which pulls against it), train a
-shared-backbone head on the first --n-train prompts of --prompts for 2 iterations (the work
+shared-backbone head with `mavis train`'s default recipe on the first --n-train prompts (the work
 folders under --workdir make a rerun resume instead of retrain), then decode the next
 --n-eval prompts, --seeds samples each, in one batched decode per iteration:
 
@@ -58,9 +58,9 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=256, help="training prompts (the first of the source)")
     parser.add_argument("--n-eval", type=int, default=64, help="held-out prompts (the next ones)")
     parser.add_argument("--seeds", type=int, default=2, help="samples per held-out prompt")
-    parser.add_argument("--beta", type=float, default=2.0, help="guidance strength of the evaluation")
-    parser.add_argument("--max-tokens", type=int, default=64, help="response length (rollout leaves complete to it)")
-    parser.add_argument("--n-layers", type=int, default=2, help="segment layers of the training trees")
+    parser.add_argument(
+        "--beta", type=float, default=TrainingConfig().beta, help="guidance strength (the training default)"
+    )
     parser.add_argument("--workdir", default="benchmarks/results/steering", help="training work folders and output")
     args = parser.parse_args()
 
@@ -69,16 +69,9 @@ def main() -> None:
     if len(eval_prompts) < args.n_eval:
         raise SystemExit(f"{args.prompts} has {len(prompts)} prompts; need {args.n_train + args.n_eval}")
     workdir = Path(args.workdir)
-    config = TrainingConfig(
-        prompts=train_prompts,
-        n_iterations=2,
-        n_layers=args.n_layers,
-        segment_min_tokens=4,
-        segment_max_tokens=10,
-        leaf_completion_tokens=args.max_tokens,
-        beta=args.beta,
-        rollout_cache_dir=str(workdir / "rollouts"),
-    )
+    # `mavis train`'s default recipe: the training beta is the evaluation's, leaves are 48-token responses.
+    config = TrainingConfig(prompts=train_prompts, beta=args.beta, rollout_cache_dir=str(workdir / "rollouts"))
+    max_tokens = config.leaf_completion_tokens
     results: dict[str, TrainingResult] = {}
     for objective in args.objectives:
         print(f"training {objective} on {len(train_prompts)} prompts", flush=True)
@@ -97,7 +90,7 @@ def main() -> None:
     prompt_of = [i // args.seeds for i in range(len(rows))]
     for iteration in range(config.n_iterations):
         heads = [str(results[o].iterations[iteration].artifact_path) for o in args.objectives]
-        chat = ChatMavis(heads=heads, beta=args.beta, max_tokens=args.max_tokens, min_tokens=1, top_k=config.top_k)
+        chat = ChatMavis(heads=heads, beta=args.beta, max_tokens=max_tokens, min_tokens=1, top_k=config.top_k)
         inputs = [p for _ in settings for p, _ in rows]
         configs: Any = [{"configurable": {"weights": w, "seed": s}} for w in settings for _, s in rows]
         start = time.perf_counter()
@@ -116,7 +109,7 @@ def main() -> None:
 
     report: dict[str, Any] = {"args": vars(args), "objectives": {}}
     print(f"\n{len(eval_prompts)} held-out prompts x {args.seeds} seeds, beta {args.beta}, ", end="")
-    print(f"max {args.max_tokens} tokens")
+    print(f"max {max_tokens} tokens")
     print(
         "| steered | iteration | its reward (base) | gain in base SD [95% CI] | other objective | KL (base) "
         "| KL top-k |"
