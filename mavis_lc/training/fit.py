@@ -21,7 +21,7 @@ Neither depends on a per-state offset of Q, which the tilt ignores too.
 
 Validation holds out whole prompts (`split_prompts`), so no tree contributes to both sides.
 After every epoch the validation metrics are measured; the epoch best on
-``config.selection_metric`` (default ``within_prompt_r2``: the tilt only uses differences of Q
+``config.selection_metric`` (default ``sibling_corr``: the tilt only uses differences of Q
 within a state, see `mavis_lc.training.metrics`) is kept, and training stops after
 ``patience`` epochs without improvement. Metrics, on the validation tokens: ``val_mse``,
 ``r2`` (1 - MSE / variance of the targets) and ``spearman`` (rank correlation of predictions
