@@ -93,8 +93,12 @@ def test_fit_selects_the_epoch_best_on_the_selection_metric(base: BaseModel, met
     assert result.metrics["sibling_pairs"] > 0
 
 
-@pytest.mark.parametrize("term", ["sibling_loss_weight", "listwise_loss_weight"])
-def test_state_terms_teach_the_differences_between_sibling_actions(base: BaseModel, term: str) -> None:
+@pytest.mark.parametrize(
+    ("term", "weight", "ratio"), [("sibling_loss_weight", 20.0, 0.75), ("listwise_loss_weight", 20.0, 0.9)]
+)
+def test_state_terms_teach_the_differences_between_sibling_actions(
+    base: BaseModel, term: str, weight: float, ratio: float
+) -> None:
     rollouts, target = tree_data(base)
     groups = sibling_groups(rollouts, torch.ones(len(rollouts.prompts), dtype=torch.bool))  # (G, C)
     real = groups >= 0
@@ -106,13 +110,23 @@ def test_state_terms_teach_the_differences_between_sibling_actions(base: BaseMod
         return float(centred.square().sum() / real.sum())
 
     config = replace(CONFIG, learning_rate=1e-2, epochs=8, patience=8, val_fraction=0.0, selection_metric="val_mse")
-    errors = {}
-    for weight in (0.0, 20.0):
+
+    def listwise(q: torch.Tensor) -> float:
+        """The listwise cross-entropy over the same states."""
+        index = groups.clamp(min=0)
+        prior = (rollouts.log_prob - rollouts.log_ratio_topk)[index]
+        return float(listwise_cross_entropy(q[index], target[index], prior, real, config.beta))
+
+    errors, cross_entropy = {}, {}
+    for w in (0.0, weight):
         head = new_shared_head(base, "obj")
-        fit_shared_head(head, rollouts, target, replace(config, **{term: weight}))
+        fit_shared_head(head, rollouts, target, replace(config, **{term: w}))
         with torch.no_grad():
-            errors[weight] = centred_error(head.q_values(rollouts.hidden, rollouts.tokens[:, None]).squeeze(1))
-    assert errors[20.0] < 0.75 * errors[0.0]
+            q = head.q_values(rollouts.hidden, rollouts.tokens[:, None]).squeeze(1)
+        errors[w], cross_entropy[w] = centred_error(q), listwise(q)
+    assert errors[weight] < ratio * errors[0.0]
+    if term == "listwise_loss_weight":
+        assert cross_entropy[weight] < cross_entropy[0.0]
     with pytest.raises(ConfigurationError, match=rf"{term} 1\.0 needs architecture shared_q_head"):
         replace(CONFIG, architecture="separate_backbone", **{term: 1.0}).validate()
 
