@@ -221,7 +221,10 @@ class TrainingConfig:
             )
         if not self.listwise_loss_weight >= 0:
             raise ConfigurationError(f"listwise_loss_weight must be >= 0, got {self.listwise_loss_weight!r}")
+        if not self.sibling_loss_weight >= 0:
+            raise ConfigurationError(f"sibling_loss_weight must be >= 0, got {self.sibling_loss_weight!r}")
         shared_only = {
+            "sibling_loss_weight": self.sibling_loss_weight > 0,
             "listwise_loss_weight": self.listwise_loss_weight > 0,
             "prompt_query": bool(self.prompt_query),
         }
@@ -230,13 +233,6 @@ class TrainingConfig:
                 raise ConfigurationError(
                     f"{name} {getattr(self, name)!r} needs architecture shared_q_head, got {self.architecture!r}"
                 )
-        if not self.sibling_loss_weight >= 0:
-            raise ConfigurationError(f"sibling_loss_weight must be >= 0, got {self.sibling_loss_weight!r}")
-        if self.sibling_loss_weight > 0 and self.architecture != "shared_q_head":
-            raise ConfigurationError(
-                f"sibling_loss_weight {self.sibling_loss_weight} needs architecture shared_q_head, "
-                f"got {self.architecture!r}"
-            )
         for name in ("beta", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)!r}")

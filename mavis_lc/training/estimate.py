@@ -18,7 +18,7 @@ import torch
 from mavis_lc.base_model import BaseModel
 from mavis_lc.separate_backbone import KVBatch
 from mavis_lc.training.config import TrainingConfig
-from mavis_lc.training.rollouts import planned_tokens
+from mavis_lc.training.rollouts import longest_response, planned_tokens
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,7 @@ def estimate_rollouts(
     batch = list(prompts[: config.rollout_prompts_per_batch])
     if not batch:
         return RolloutEstimate(per_iteration, 0.0, 0)
-    longest = max(config.leaf_completion_tokens, min(config.segment_max_tokens * config.n_layers, config.t_max_tokens))
-    rows = max(1, round(planned_tokens(config, len(batch)) / max(longest, 1)))
+    rows = max(1, round(planned_tokens(config, len(batch)) / max(longest_response(config), 1)))
     enc = base.tokenizer(batch, padding=True, return_tensors="pt")
     state = KVBatch(base.model.base_model, base.model.get_input_embeddings())
     state.prefill(enc["input_ids"].to(base.device), enc["attention_mask"].to(base.device))

@@ -166,16 +166,17 @@ def fit_shared_head(
 
     def listwise_loss(picked: torch.Tensor) -> torch.Tensor:
         """`listwise_cross_entropy` over the siblings of each picked state, (S, C) tokens."""
-        real = picked >= 0  # (S, C)
-        index = picked.clamp(min=0)  # (S, C)
-        q = predict(index.flatten()).view(index.shape)  # (S, C)
+        q, real, index = sibling_q(picked)  # (S, C) each
         return listwise_cross_entropy(q, targets[index], ref_log_prob[index], real, beta)
+
+    def sibling_q(picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For picked states' sibling tokens (S, C), padded with -1: Q, the real mask and the token indices."""
+        index = picked.clamp(min=0)  # (S, C)
+        return predict(index.flatten()).view(index.shape), picked >= 0, index
 
     def sibling_loss(picked: torch.Tensor) -> torch.Tensor:
         """MSE of centred Q against centred targets over the siblings of each picked state, (S, C) tokens."""
-        real = picked >= 0  # (S, C)
-        index = picked.clamp(min=0)  # (S, C)
-        q = predict(index.flatten()).view(index.shape)  # (S, C)
+        q, real, index = sibling_q(picked)  # (S, C) each
         count = real.sum(1, keepdim=True)  # (S, 1)
 
         def centred(x: torch.Tensor) -> torch.Tensor:

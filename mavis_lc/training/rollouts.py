@@ -256,6 +256,13 @@ def planned_tokens(config: TrainingConfig, n_prompts: int, *, first_prompt: int 
     return total
 
 
+def longest_response(config: TrainingConfig) -> int:
+    """The most tokens one root-to-leaf path of a tree can hold: the layers' segments share the
+    ``t_max_tokens`` budget, and leaf completion lies outside it."""
+    layers = min(config.segment_max_tokens * config.n_layers, config.t_max_tokens)
+    return max(layers, config.leaf_completion_tokens)
+
+
 @dataclass
 class _Plan:
     """The planned shape of one tree, drawn before any token is sampled (index 0: the root)."""
@@ -328,10 +335,7 @@ def _sample_batch(
     enc = base.tokenizer(prompts, padding=True, return_tensors="pt")
     input_ids = enc["input_ids"].to(device)  # (G, P)
     attention_mask = enc["attention_mask"].to(device)  # (G, P)
-    # The layers' segments share the t_max_tokens budget; leaf completion lies outside it.
-    layers = min(config.segment_max_tokens * config.n_layers, config.t_max_tokens)
-    longest_path = max(layers, config.leaf_completion_tokens)
-    if input_ids.shape[1] + longest_path > base.max_context:
+    if input_ids.shape[1] + longest_response(config) > base.max_context:
         raise ConfigurationError(
             f"prompts of up to {input_ids.shape[1]} tokens leave no room for trees in a context of {base.max_context}"
         )
