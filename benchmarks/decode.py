@@ -7,6 +7,9 @@ read. Peak RSS is measured in two fresh child processes, one per variant.
 
     python benchmarks/decode.py                      # SmolLM2, batch 1 and 8, 2 shared-backbone heads
     python benchmarks/decode.py --prompts ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz
+    python benchmarks/decode.py --value-models shared side --no-memory
+                                                     # also 2 side branches (copies of the base's last
+                                                     # --side-layers layers, each with its own KV cache)
     python benchmarks/decode.py --value-models shared separate scalar --no-memory
                                                      # also 2 separate-backbone value models (2 layers),
                                                      # scoring candidates with Q heads or scalar V(s + a)
@@ -29,6 +32,7 @@ from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.quickstart import shipped_prompts
 from mavis_lc.separate_backbone import new_separate_backbone
+from mavis_lc.side_branch import new_side_branch
 from mavis_lc.training import format_prompts
 from mavis_lc.training import load_prompts as training_prompts
 from mavis_lc.value_model import ValueModel, new_shared_head
@@ -43,15 +47,21 @@ def load_prompts(path: str | None, n: int) -> list[str]:
     return training_prompts(path, n)
 
 
-VALUE_MODELS = ("shared", "separate", "scalar")
-"""shared: Q heads on the base's hidden states; separate: value models with their own small LM
-(the base's first --backbone-layers layers) and Q heads; scalar: those, scoring each candidate
-as V(prefix + candidate)."""
+VALUE_MODELS = ("shared", "side", "separate", "scalar")
+"""shared: Q heads on the base's hidden states; side: side branches (copies of the base's last
+--side-layers layers fed by its own states, then Q heads); separate: value models with their own
+small LM (the base's first --backbone-layers layers) and Q heads; scalar: those, scoring each
+candidate as V(prefix + candidate)."""
 
 
-def value_models_for(base: BaseModel, kind: str, count: int, backbone_layers: int) -> list[ValueModel]:
+def value_models_for(
+    base: BaseModel, kind: str, count: int, backbone_layers: int, side_layers: int = 2
+) -> list[ValueModel]:
     if kind == "shared":
         return list(heads_for(base, count))
+    if kind == "side":
+        heads = heads_for(base, count)
+        return [new_side_branch(base, h.objective, n_layers=side_layers, head=h).requires_grad_(False) for h in heads]
     mode = "q_head" if kind == "separate" else "scalar"
     return [new_separate_backbone(base, f"objective{m}", n_layers=backbone_layers, mode=mode) for m in range(count)]
 
@@ -101,7 +111,7 @@ def child(args: argparse.Namespace) -> None:
     """Run one variant once per batch size and print this process's peak RSS (MiB)."""
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
     kind = "shared" if args.child in ("plain", "mavis") else args.child
-    decoder = MavisDecoder(base, value_models_for(base, kind, args.heads, args.backbone_layers))
+    decoder = MavisDecoder(base, value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers))
     for batch in args.batch:
         prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
         if args.child == "plain":
@@ -123,6 +133,7 @@ def main() -> None:
         "--value-models", nargs="+", choices=VALUE_MODELS, default=["shared"], help="kinds of value model to time"
     )
     parser.add_argument("--backbone-layers", type=int, default=2, help="layers of a separate-backbone value model")
+    parser.add_argument("--side-layers", type=int, default=2, help="layers of a side branch")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda")
     parser.add_argument("--dtype", default=None, help="auto, float32, bfloat16")
@@ -134,9 +145,11 @@ def main() -> None:
         return
 
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
-    names = {"shared": "MAVIS", "separate": "MAVIS separate", "scalar": "MAVIS scalar"}
+    names = {"shared": "MAVIS", "side": "MAVIS side", "separate": "MAVIS separate", "scalar": "MAVIS scalar"}
     decoders = {
-        names[kind]: MavisDecoder(base, value_models_for(base, kind, args.heads, args.backbone_layers))
+        names[kind]: MavisDecoder(
+            base, value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers)
+        )
         for kind in args.value_models
     }
     print(

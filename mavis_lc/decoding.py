@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
+from mavis_lc.separate_backbone import LayerTap
 from mavis_lc.value_model import ValueModel, check_compatible, prompt_mean
 from mavis_lc.weights import Weights, weight_matrix
 
@@ -183,6 +184,7 @@ class MavisDecoder:
         self.objectives = names
         self._backbone = base.model.base_model  # the decoder stack, final norm included
         self._lm_head = base.model.get_output_embeddings()
+        self._tap_layers = sorted({h.tap_layer for h in self.heads if h.tap_layer is not None})
 
     def check(self, config: DecodeConfig, prompt_tokens: int = 0) -> None:
         """Raise `DecodingParameterError` naming the first parameter out of range."""
@@ -272,16 +274,17 @@ class MavisDecoder:
         # Grad mode is per thread and a stream may be resumed on another thread (async
         # callers), so inference mode is entered around each stretch of work, never across a yield.
         with torch.inference_mode():
-            for head in self.heads:
-                head.begin(input_ids, attention_mask)
             cache = DynamicCache(config=self.base.model.config)
-            prompt_states = self._backbone(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state  # (B, P, d)
+            with LayerTap(self._backbone, self._tap_layers) as tap:
+                prompt_states = self._backbone(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state  # (B, P, d)
+            for head in self.heads:  # after the prefill: side branches read its layer inputs
+                head.begin(input_ids, attention_mask, _tap_of(head, tap))
             hidden = prompt_states[:, -1]  # (B, d)
             prompt_hidden = prompt_mean(prompt_states, attention_mask)  # (B, d) the prompt-pooled query
             next_position = position_ids[:, -1]  # (B,)
@@ -329,17 +332,19 @@ class MavisDecoder:
             if bool(tracker.done.all()):
                 break
             with torch.inference_mode():
-                for head in self.heads:
-                    head.advance(out.tokens)
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
                 next_position = next_position + 1
-                hidden = self._backbone(
-                    input_ids=out.tokens[:, None],
-                    attention_mask=attention_mask,
-                    position_ids=next_position[:, None],
-                    past_key_values=cache,
-                    use_cache=True,
-                ).last_hidden_state[:, -1]  # (B, d)
+                with LayerTap(self._backbone, self._tap_layers) as tap:
+                    hidden = self._backbone(
+                        input_ids=out.tokens[:, None],
+                        attention_mask=attention_mask,
+                        position_ids=next_position[:, None],
+                        past_key_values=cache,
+                        use_cache=True,
+                    ).last_hidden_state[:, -1]  # (B, d)
+                for head in self.heads:
+                    taps = _tap_of(head, tap)
+                    head.advance(out.tokens, taps=None if taps is None else taps[:, -1])
 
     @staticmethod
     def _row_seeds(cfg: DecodeConfig, seeds: Sequence[int] | None, batch: int) -> list[int]:
@@ -350,6 +355,11 @@ class MavisDecoder:
         if cfg.seed is not None:
             return [int(cfg.seed)] * batch
         return [random.randrange(2**63) for _ in range(batch)]
+
+
+def _tap_of(head: ValueModel, tap: LayerTap) -> torch.Tensor | None:
+    """The inputs of ``head``'s tap layer that ``tap`` captured, (B, t, d); None for heads that read none."""
+    return None if head.tap_layer is None else tap.states[head.tap_layer]
 
 
 def _weight_rows(weights: Weights | Sequence[Weights] | None, batch: int) -> list[dict[str, float]]:

@@ -265,12 +265,14 @@ class RewardGuidedScorer(ValueModel):
         self.calls = 0
         """Texts scored so far."""
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, taps: torch.Tensor | None = None) -> None:
         if len(self.prompts) != input_ids.shape[0]:
             raise ConfigurationError(f"set prompts for all {input_ids.shape[0]} rows before decoding")
         self.generated = [[] for _ in range(input_ids.shape[0])]
 
-    def advance(self, token_ids: torch.Tensor) -> None:
+    def advance(
+        self, token_ids: torch.Tensor, active: torch.Tensor | None = None, taps: torch.Tensor | None = None
+    ) -> None:
         for row, token in zip(self.generated, token_ids.tolist(), strict=True):
             if not row or row[-1] not in self.eos_ids:
                 row.append(token)

@@ -96,22 +96,35 @@ class ValueHeadConfig:
 class ValueModel(nn.Module):
     """Interface of a per-objective value model used by the decoder.
 
-    The decoder calls `begin` once with the (left-padded) prompts, `q_values` at every step,
-    and `advance` with the tokens it chose. Value models with their own backbone keep their
-    own KV cache in `begin` / `advance`; the shared-backbone head needs neither.
+    The decoder runs the base's prefill, then calls `begin` once with the (left-padded)
+    prompts; at every step it calls `q_values`, and after the base has read the chosen tokens,
+    `advance` with them. Value models with their own backbone keep their own KV cache in
+    `begin` / `advance` (and `select_rows` when a tree rollout fans a row out); the
+    shared-backbone head needs none of them.
+
+    A value model whose `tap_layer` is not None reads the base's hidden states at the input of
+    that decoder layer: the caller passes them as ``taps``, (B, P, d) over the prompts to
+    `begin` and (B, d) for the new tokens to `advance` (`mavis_lc.separate_backbone.LayerTap`).
     """
 
     config: ValueHeadConfig
+    tap_layer: int | None = None
 
     @property
     def objective(self) -> str:
         return self.config.objective
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, taps: torch.Tensor | None = None) -> None:
         """Start decoding a batch: ``input_ids`` and ``attention_mask`` are (B, P)."""
 
-    def advance(self, token_ids: torch.Tensor) -> None:
-        """Append the chosen tokens, (B,), to every sequence of the batch."""
+    def advance(
+        self, token_ids: torch.Tensor, active: torch.Tensor | None = None, taps: torch.Tensor | None = None
+    ) -> None:
+        """Append the chosen tokens, (B,), to every sequence of the batch (rows where ``active``
+        is False sit the step out)."""
+
+    def select_rows(self, indices: torch.Tensor) -> None:
+        """Keep (and repeat) rows ``indices`` (R,) of the decoding batch."""
 
     def q_values(
         self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
@@ -240,13 +253,16 @@ def load_value_model(source: str | Path | bytes, base: BaseModel) -> ValueModel:
     config, tensors = read_head_config(source)
     check_compatible(config, base)
     from mavis_lc.separate_backbone import SEPARATE_BACKBONE, load_separate_backbone  # imports this module
+    from mavis_lc.side_branch import SIDE_BRANCH, load_side_branch
 
     if config.architecture == SEPARATE_BACKBONE:
         return load_separate_backbone(config, tensors, base)
+    if config.architecture == SIDE_BRANCH:
+        return load_side_branch(config, tensors, base)
     if config.architecture != SHARED_Q_HEAD:
         raise ModelLoadError(
             f"value head for {config.objective!r} has architecture {config.architecture!r}; "
-            f"allowed: {SHARED_Q_HEAD}, {SEPARATE_BACKBONE}"
+            f"allowed: {SHARED_Q_HEAD}, {SIDE_BRANCH}, {SEPARATE_BACKBONE}"
         )
     head = SharedBackboneQHead(config, base.token_embeddings)
     try:

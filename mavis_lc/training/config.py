@@ -12,7 +12,7 @@ from typing import Any
 
 from mavis_lc.errors import ConfigurationError
 
-ARCHITECTURES = ("shared_q_head", "separate_backbone")
+ARCHITECTURES = ("shared_q_head", "side_branch", "separate_backbone")
 SELECTION_METRICS = ("within_prompt_r2", "sibling_corr", "val_mse")
 
 # Fields that change where or how fast a run computes, never what it computes.
@@ -98,7 +98,18 @@ class TrainingConfig:
     )
     architecture: str = field(
         default="shared_q_head",
-        metadata={"help": "Value model: shared_q_head (head on base features) or separate_backbone (own small LM)."},
+        metadata={
+            "help": "Value model: shared_q_head (head on the base's final features), side_branch (head on a trained "
+            "copy of the base's last side_layers layers, fed by the base's own states) or separate_backbone "
+            "(the reference's own small LM)."
+        },
+    )
+    side_layers: int = field(
+        default=2,
+        metadata={"help": "Side branch: how many of the base's last layers it copies and trains (L)."},
+    )
+    side_learning_rate: float = field(
+        default=1e-5, metadata={"help": "Side branch: AdamW learning rate of its copied layers."}
     )
     backbone_layers: int = field(
         default=2, metadata={"help": "Separate backbone: how many of the base's first layers it copies."}
@@ -128,14 +139,15 @@ class TrainingConfig:
     sibling_loss_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Shared head: weight of a term on what the tilt uses, the MSE of Q centred over the sibling "
-            "actions of each branch state against their centred Monte Carlo targets (0: off), beside the per-token MSE."
+            "help": "Shared head or side branch: weight of a term on what the tilt uses, the MSE of Q centred over "
+            "the sibling actions of each branch state against their centred Monte Carlo targets (0: off), beside "
+            "the per-token MSE."
         },
     )
     listwise_loss_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Shared head: weight of a listwise term at branch states, the cross-entropy from "
+            "help": "Shared head or side branch: weight of a listwise term at branch states, the cross-entropy from "
             "softmax(log pi_ref^k + beta * target) to softmax(log pi_ref^k + beta * Q) over each state's "
             "sibling actions (the decoding distribution itself), beside the per-token MSE (0: off)."
         },
@@ -143,13 +155,16 @@ class TrainingConfig:
     prompt_query: bool = field(
         default=False,
         metadata={
-            "help": "Shared head: add the prompt-pooled query U p (p = mean base hidden state over the prompt, "
-            "computed once at prefill) to the head's query, so Q can score how a candidate relates to the prompt."
+            "help": "Shared head or side branch: add the prompt-pooled query U p (p = mean base hidden state over "
+            "the prompt, computed once at prefill) to the head's query, so Q can score how a candidate relates to "
+            "the prompt."
         },
     )
     epochs: int = field(default=20, metadata={"help": "Most passes over the training targets per iteration."})
     fit_batch_size: int = field(default=256, metadata={"help": "Shared head: (state, token) pairs per minibatch."})
-    sequence_batch_size: int = field(default=8, metadata={"help": "Separate backbone: leaf paths per minibatch."})
+    sequence_batch_size: int = field(
+        default=8, metadata={"help": "Side branch: trees per minibatch; separate backbone: leaf paths per minibatch."}
+    )
     val_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of prompts held out for validation (split by prompt)."}
     )
@@ -186,6 +201,7 @@ class TrainingConfig:
             "rollout_prompts_per_batch",
             "top_k",
             "backbone_layers",
+            "side_layers",
             "epochs",
             "fit_batch_size",
             "sequence_batch_size",
@@ -210,7 +226,7 @@ class TrainingConfig:
                 f"segment_max_tokens ({self.segment_max_tokens}) must be >= "
                 f"segment_min_tokens ({self.segment_min_tokens})"
             )
-        for name in ("temperature", "learning_rate", "bias_learning_rate"):
+        for name in ("temperature", "learning_rate", "bias_learning_rate", "side_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if isinstance(self.expand_top_m, bool) or not isinstance(self.expand_top_m, int) or self.expand_top_m < 0:
@@ -229,9 +245,10 @@ class TrainingConfig:
             "prompt_query": bool(self.prompt_query),
         }
         for name, used in shared_only.items():
-            if used and self.architecture != "shared_q_head":
+            if used and self.architecture not in ("shared_q_head", "side_branch"):
                 raise ConfigurationError(
-                    f"{name} {getattr(self, name)!r} needs architecture shared_q_head, got {self.architecture!r}"
+                    f"{name} {getattr(self, name)!r} needs architecture shared_q_head or side_branch, "
+                    f"got {self.architecture!r}"
                 )
         for name in ("beta", "weight_decay"):
             if not getattr(self, name) >= 0:
@@ -258,8 +275,8 @@ class TrainingConfig:
             )
         if self.n_fits > 1 and self.architecture != "shared_q_head":
             raise ConfigurationError(
-                f"n_fits {self.n_fits} needs architecture shared_q_head (weights of a separate backbone "
-                f"do not average into the mean of its fits), got {self.architecture!r}"
+                f"n_fits {self.n_fits} needs architecture shared_q_head (the weights of transformer layers "
+                f"do not average into the mean of their fits), got {self.architecture!r}: pass n_fits 1"
             )
         if self.value_mode not in ("q_head", "scalar"):
             raise ConfigurationError(f"value_mode {self.value_mode!r} is not allowed; allowed: q_head, scalar")

@@ -43,8 +43,9 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from mavis_lc.base_model import BaseModel
-from mavis_lc.errors import TrainingCancelled
+from mavis_lc.errors import ConfigurationError, TrainingCancelled
 from mavis_lc.separate_backbone import SeparateBackboneValueModel
+from mavis_lc.side_branch import SideBranchValueModel
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.metrics import StateMetrics, sibling_groups
 from mavis_lc.training.rollouts import TreeRollouts
@@ -106,6 +107,34 @@ def listwise_cross_entropy(
     return -(wanted * log_given).sum(-1).mean()
 
 
+def state_terms(
+    q: torch.Tensor, picked: torch.Tensor, targets: torch.Tensor, ref_log_prob: torch.Tensor, config: TrainingConfig
+) -> torch.Tensor:
+    """The optional terms on what the tilt uses, weighted by the config, for branch states whose
+    sibling actions are ``picked`` (S, C) token indices padded with -1, with Q ``q`` (S, C):
+
+    - ``listwise_loss_weight`` x `listwise_cross_entropy` at the config's beta (1 where beta is 0);
+    - ``sibling_loss_weight`` x the MSE of Q centred over each state's siblings against the
+      centred targets.
+    """
+    index = picked.clamp(min=0)  # (S, C)
+    real = picked >= 0  # (S, C)
+    loss = q.new_zeros(())
+    if config.listwise_loss_weight > 0:
+        beta = config.beta if config.beta > 0 else 1.0
+        listwise = listwise_cross_entropy(q, targets[index], ref_log_prob[index], real, beta)
+        loss = loss + config.listwise_loss_weight * listwise
+    if config.sibling_loss_weight > 0:
+        count = real.sum(1, keepdim=True)  # (S, 1)
+
+        def centred(x: torch.Tensor) -> torch.Tensor:
+            return (x - (x * real).sum(1, keepdim=True) / count) * real
+
+        sibling = (centred(q) - centred(targets[index])).square().sum() / real.sum()
+        loss = loss + config.sibling_loss_weight * sibling
+    return loss
+
+
 def fit_shared_head(
     head: SharedBackboneQHead,
     rollouts: TreeRollouts,
@@ -156,33 +185,10 @@ def fit_shared_head(
         loss = nn.functional.mse_loss(predict(batch), targets[batch])
         if (config.sibling_loss_weight > 0 or config.listwise_loss_weight > 0) and groups.numel():
             picked = groups[torch.randint(groups.shape[0], (max(1, config.fit_batch_size // 4),), generator=draw)]
-            if config.sibling_loss_weight > 0:
-                loss = loss + config.sibling_loss_weight * sibling_loss(picked)
-            if config.listwise_loss_weight > 0:
-                loss = loss + config.listwise_loss_weight * listwise_loss(picked)
+            index = picked.clamp(min=0)  # (S, C)
+            q = predict(index.flatten()).view(index.shape)  # (S, C)
+            loss = loss + state_terms(q, picked, targets, ref_log_prob, config)
         return loss
-
-    beta = config.beta if config.beta > 0 else 1.0
-
-    def listwise_loss(picked: torch.Tensor) -> torch.Tensor:
-        """`listwise_cross_entropy` over the siblings of each picked state, (S, C) tokens."""
-        q, real, index = sibling_q(picked)  # (S, C) each
-        return listwise_cross_entropy(q, targets[index], ref_log_prob[index], real, beta)
-
-    def sibling_q(picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For picked states' sibling tokens (S, C), padded with -1: Q, the real mask and the token indices."""
-        index = picked.clamp(min=0)  # (S, C)
-        return predict(index.flatten()).view(index.shape), picked >= 0, index
-
-    def sibling_loss(picked: torch.Tensor) -> torch.Tensor:
-        """MSE of centred Q against centred targets over the siblings of each picked state, (S, C) tokens."""
-        q, real, index = sibling_q(picked)  # (S, C) each
-        count = real.sum(1, keepdim=True)  # (S, 1)
-
-        def centred(x: torch.Tensor) -> torch.Tensor:
-            return (x - (x * real).sum(1, keepdim=True) / count) * real
-
-        return (centred(q) - centred(targets[index])).square().sum() / real.sum()
 
     states = StateMetrics(rollouts, token_target, measured)
     return _train(head, batches, loss_of, train_idx, val_idx, evaluate, states, config, progress, should_cancel)
@@ -293,6 +299,162 @@ def fit_separate_backbone(
     return _train(model, batches, loss_of, train_paths, val_paths, evaluate, states, config, progress, should_cancel)
 
 
+@dataclass
+class _PackedTree:
+    """One tree as a side-branch input: the prompt's layer inputs but its last, then one element
+    per sampled token, the layer input at the last token of the state that token was sampled in."""
+
+    prompt: int
+    first_token: int  # the tree's tokens are rollout tokens [first_token, first_token + n_tokens)
+    n_tokens: int
+    prompt_length: int
+    token_position: torch.Tensor  # (n_tokens,) position of each token's state: prompt length - 1 + depth
+    token_mask: torch.Tensor  # (n_tokens, n_tokens) bool: token i's state attends to token j's state
+
+
+def _pack_trees(rollouts: TreeRollouts) -> list[_PackedTree]:
+    """Per tree, the positions and the tree attention mask of its tokens' states (see `_PackedTree`).
+
+    The state before token t is the prompt plus the tokens on t's path above it; its element in
+    the packed sequence holds the layer input at that state's last token (``rollouts.tap[t]``),
+    so it attends to the prompt's elements and to the elements of the tokens on its path up to
+    itself: the tokens of its node's ancestors and its node's tokens up to t.
+    """
+    assert rollouts.prompt_length is not None
+    token_node = rollouts.token_node()
+    node_depth = torch.zeros(rollouts.n_nodes, dtype=torch.long)  # response tokens above each node
+    for node in range(rollouts.n_nodes):  # parents come before children
+        parent = int(rollouts.node_parent[node])
+        if parent >= 0:
+            node_depth[node] = node_depth[parent] + rollouts.node_length[parent]
+    depth = node_depth[token_node] + torch.arange(token_node.numel()) - rollouts.node_start[token_node]  # (T,)
+    trees: list[_PackedTree] = []
+    for prompt in range(len(rollouts.prompts)):
+        nodes = torch.nonzero(rollouts.node_prompt == prompt).squeeze(1)  # contiguous, root first
+        local = {int(n): i for i, n in enumerate(nodes.tolist())}
+        ancestor = torch.zeros(len(local), len(local), dtype=torch.bool)  # [a, b]: b is a or above it
+        for n, i in local.items():
+            up = n
+            while up >= 0:
+                ancestor[i, local[up]] = True
+                up = int(rollouts.node_parent[up])
+        first = int(rollouts.node_start[nodes[0]])
+        count = int(rollouts.node_length[nodes].sum())
+        span = torch.arange(first, first + count)
+        owner = torch.tensor([local[int(n)] for n in token_node[span].tolist()], dtype=torch.long)
+        same = owner[:, None] == owner[None, :]
+        mask = ancestor[owner][:, owner] & (~same | (span[None, :] <= span[:, None]))
+        length = int(rollouts.prompt_length[prompt])
+        trees.append(_PackedTree(prompt, first, count, length, length - 1 + depth[span], mask))
+    return trees
+
+
+def fit_side_branch(
+    model: SideBranchValueModel,
+    rollouts: TreeRollouts,
+    token_target: torch.Tensor,
+    config: TrainingConfig,
+    *,
+    progress: FitProgress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Fine-tune a side branch (in place, warm start) on the layer inputs the rollouts recorded.
+
+    Each minibatch is ``sequence_batch_size`` trees, each one packed sequence (`_pack_trees`)
+    under a tree attention mask, so every state's features see exactly its prompt and path and
+    the base model is not run. The loss is the per-token MSE plus the config's optional terms
+    on sibling actions (`state_terms`) over the batch's branch states. The starting weights are
+    measured first and kept if no epoch beats them on the selection metric.
+
+    Raises:
+        ConfigurationError: the rollouts recorded no inputs of the branch's tap layer.
+        TrainingCancelled: ``should_cancel()`` returned True between minibatches.
+    """
+    lengths = rollouts.prompt_length
+    if rollouts.tap_layer != model.tap_layer or rollouts.tap is None or rollouts.prompt_tap is None or lengths is None:
+        raise ConfigurationError(
+            f"a side branch reading layer {model.tap_layer} needs rollouts that recorded that layer's inputs; "
+            f"these recorded {rollouts.tap_layer if rollouts.tap_layer is not None else 'none'}"
+        )
+    device = model.q_head.proj.weight.device
+    trees = _pack_trees(rollouts)
+    taps, prompt_taps = rollouts.tap, rollouts.prompt_tap
+    tokens = rollouts.tokens
+    prompt_features = rollouts.prompt_hidden
+    targets = token_target.float()
+    ref_log_prob = rollouts.log_prob - rollouts.log_ratio_topk  # (T,) log pi_ref^k(a_t|s_t)
+    prompt_start = torch.cumsum(lengths, 0) - lengths  # (P,)
+    held_out = split_prompts(len(rollouts.prompts), config.val_fraction, config.seed)
+    train_trees = torch.tensor([i for i, held in enumerate(held_out) if not held], dtype=torch.long)
+    val_trees = torch.tensor([i for i, held in enumerate(held_out) if held], dtype=torch.long)
+    measured = torch.tensor(held_out) if val_trees.numel() else ~torch.tensor(held_out, dtype=torch.bool)
+    trained_on = ~torch.tensor(held_out) if val_trees.numel() else torch.ones(len(held_out), dtype=torch.bool)
+    groups = sibling_groups(rollouts, trained_on)  # (G, C)
+    group_prompt = rollouts.node_prompt[rollouts.token_node()][groups[:, 0]] if groups.numel() else groups[:, 0]
+    use_prompt = model.q_head.prompt_query
+    d = taps.shape[1]
+
+    def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rollout token indices and Q(s_t, a_t) of every token of trees ``batch``, each (n,)."""
+        chosen = [trees[i] for i in batch.tolist()]
+        width = max(t.prompt_length - 1 + t.n_tokens for t in chosen)
+        inputs = torch.zeros(len(chosen), width, d)
+        positions = torch.zeros(len(chosen), width, dtype=torch.long)
+        allowed = torch.eye(width, dtype=torch.bool).repeat(len(chosen), 1, 1)  # padding attends to itself
+        rows, columns, index = [], [], []
+        for row, tree in enumerate(chosen):
+            n_prompt = tree.prompt_length - 1
+            start = int(prompt_start[tree.prompt])
+            inputs[row, :n_prompt] = prompt_taps[start : start + n_prompt]
+            inputs[row, n_prompt : n_prompt + tree.n_tokens] = taps[tree.first_token : tree.first_token + tree.n_tokens]
+            positions[row, :n_prompt] = torch.arange(n_prompt)
+            positions[row, n_prompt : n_prompt + tree.n_tokens] = tree.token_position
+            allowed[row, :n_prompt, :n_prompt] = torch.ones(n_prompt, n_prompt, dtype=torch.bool).tril()
+            allowed[row, n_prompt : n_prompt + tree.n_tokens, :n_prompt] = True
+            allowed[row, n_prompt : n_prompt + tree.n_tokens, n_prompt : n_prompt + tree.n_tokens] = tree.token_mask
+            rows.append(torch.full((tree.n_tokens,), row))
+            columns.append(torch.arange(n_prompt, n_prompt + tree.n_tokens))
+            index.append(torch.arange(tree.first_token, tree.first_token + tree.n_tokens))
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        features = model.features(inputs.to(device), mask[:, None].to(device), positions.to(device))  # (B, S, d)
+        row_index, column_index, token_index = torch.cat(rows), torch.cat(columns), torch.cat(index)
+        states = features[row_index.to(device), column_index.to(device)]  # (n, d)
+        prompt = prompt_features[[chosen[r].prompt for r in row_index.tolist()]].to(device) if use_prompt else None
+        q = model.q_head.q_values(states, tokens[token_index, None].to(device), prompt).squeeze(1)  # (n,)
+        return token_index, q
+
+    def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
+        yield from train_trees[torch.randperm(train_trees.numel(), generator=generator)].split(
+            config.sequence_batch_size
+        )
+
+    def evaluate(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            outs = [forward(b) for b in idx.split(config.sequence_batch_size)]
+        if not outs:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]).float().cpu()
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        index, q = forward(batch)
+        loss = nn.functional.mse_loss(q.float(), targets[index].to(q.device))
+        if (config.sibling_loss_weight > 0 or config.listwise_loss_weight > 0) and groups.numel():
+            picked = groups[torch.isin(group_prompt, batch)]  # (S, C) the batch's branch states
+            if picked.numel():
+                full = torch.zeros(tokens.numel(), device=q.device).index_put((index.to(q.device),), q.float())
+                q_picked = full[picked.clamp(min=0).to(q.device)]  # (S, C)
+                loss = loss + state_terms(
+                    q_picked, picked.to(q.device), targets.to(q.device), ref_log_prob.to(q.device), config
+                )
+        return loss
+
+    states = StateMetrics(rollouts, token_target, measured)
+    return _train(
+        model, batches, loss_of, train_trees, val_trees, evaluate, states, config, progress, should_cancel,
+        measure_start=True,
+    )  # fmt: skip
+
+
 def _train(
     model: nn.Module,
     batches: Callable[[torch.Generator], Iterator[torch.Tensor]],
@@ -304,11 +466,14 @@ def _train(
     config: TrainingConfig,
     progress: FitProgress | None,
     should_cancel: Callable[[], bool] | None,
+    *,
+    measure_start: bool = False,
 ) -> FitResult:
     """The shared loop: AdamW epochs over minibatches, the epoch best on ``config.selection_metric`` kept.
 
     ``evaluate(idx)`` gives the rollout token indices and predictions of examples ``idx``. With
-    no validation examples, selection and metrics use the training examples.
+    no validation examples, selection and metrics use the training examples. With
+    ``measure_start``, the starting weights compete as epoch 0 (a warm start worth keeping).
     """
     optimizer = torch.optim.AdamW(
         _param_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -332,6 +497,11 @@ def _train(
     best_metrics: dict[str, float] | None = None
     best_state, best_epoch, stale = copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
+    start_metrics: dict[str, float] = {}
+    if measure_start:
+        model.eval()
+        best_metrics = measure()
+        start_metrics = {f"start_{config.selection_metric}": best_metrics[config.selection_metric]}
     model.train()
     for epoch in range(1, config.epochs + 1):
         total, count = 0.0, 0
@@ -361,6 +531,7 @@ def _train(
     model.eval()
     metrics = {
         **(best_metrics if best_metrics is not None else measure()),
+        **start_metrics,
         "train_loss": history[best_epoch - 1]["train_loss"] if best_epoch else math.nan,
         "best_epoch": float(best_epoch),
         "epochs_run": float(len(history)),
@@ -413,8 +584,12 @@ def _leaf_paths(rollouts: TreeRollouts, base: BaseModel) -> list[_LeafPath]:
 def _param_groups(model: nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups: the shared head's vectors (per-token bias, projection bias, state
     value) learn at ``bias_learning_rate``; matrices, and every separate-backbone parameter, at
-    ``learning_rate``. Adam moves a parameter by about its rate per step whatever the gradient's
-    scale, so at the matrix rate a per-token bias could not reach a useful size in a short fit."""
+    ``learning_rate``; a side branch's layers at ``side_learning_rate``, its head as a shared
+    head. Adam moves a parameter by about its rate per step whatever the gradient's scale, so at
+    the matrix rate a per-token bias could not reach a useful size in a short fit."""
+    if isinstance(model, SideBranchValueModel):
+        layers = [p for p in model.branch.parameters() if p.requires_grad]
+        return [{"params": layers, "lr": config.side_learning_rate}, *_param_groups(model.q_head, config)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not isinstance(model, SharedBackboneQHead):
         return [{"params": trainable}]

@@ -62,7 +62,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError, ModelLoadError, TrainingCancelled
-from mavis_lc.separate_backbone import KVBatch, SeparateBackboneValueModel
+from mavis_lc.separate_backbone import KVBatch
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.files import write_atomic
 from mavis_lc.value_model import ValueModel
@@ -94,6 +94,11 @@ class TreeRollouts:
     log_prob: torch.Tensor  # (T,) float32: log pi(a_t|s_t), the sampling policy's (tilted) probability
     node_forced: torch.Tensor  # (N,) bool: the node's first token was its parent's rank-r candidate, not a sample
     prompt_hidden: torch.Tensor  # (P, d) float32: mean base final hidden state over each prompt's tokens
+    tap_layer: int | None = None
+    """The base decoder layer whose inputs `tap` and `prompt_tap` hold (for side-branch fits); None: not recorded."""
+    tap: torch.Tensor | None = None  # (T, d) float32: the input of layer tap_layer at the last token of s_t
+    prompt_tap: torch.Tensor | None = None  # (sum of prompt_length, d) float32: its inputs over every prompt's tokens
+    prompt_length: torch.Tensor | None = None  # (P,) long: tokens of each prompt (with tap_layer)
 
     @property
     def log_ratio_topk(self) -> torch.Tensor:
@@ -126,9 +131,18 @@ class TreeRollouts:
             out.extend(self.tokens[start : start + int(self.node_length[n])].tolist())
         return out
 
+    def prompt_taps(self, prompt: int) -> torch.Tensor:
+        """The layer-`tap_layer` inputs over prompt ``prompt``'s tokens, (prompt tokens, d)."""
+        if self.tap_layer is None or self.prompt_tap is None or self.prompt_length is None:
+            raise ConfigurationError("these rollouts recorded no layer inputs (sample them with tap_layer)")
+        start = int(self.prompt_length[:prompt].sum())
+        return self.prompt_tap[start : start + int(self.prompt_length[prompt])]
+
     def to_bytes(self) -> bytes:
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
-        meta = json.dumps({"first_prompt": self.first_prompt, "prompts": self.prompts})
+        if self.tap_layer is not None:
+            tensors.update({name: getattr(self, name).contiguous() for name in _TAP_TENSORS})
+        meta = json.dumps({"first_prompt": self.first_prompt, "prompts": self.prompts, "tap_layer": self.tap_layer})
         return bytes(save_safetensors_bytes(tensors, metadata={_META_KEY: meta}))
 
     def save(self, path: str | Path) -> Path:
@@ -147,13 +161,19 @@ class TreeRollouts:
         missing = sorted(set(_TENSORS) - set(tensors))
         if missing:
             raise ModelLoadError(f"{path} is a rollout file of an older format (no {', '.join(missing)}): sample again")
-        return cls(first_prompt=int(meta["first_prompt"]), prompts=list(meta["prompts"]), **tensors)
+        tap_layer = meta.get("tap_layer")
+        if tap_layer is not None and not set(_TAP_TENSORS) <= set(tensors):
+            raise ModelLoadError(f"{path} names tap layer {tap_layer} but lacks its tensors: sample again")
+        return cls(
+            first_prompt=int(meta["first_prompt"]), prompts=list(meta["prompts"]), tap_layer=tap_layer, **tensors
+        )
 
 
 _TENSORS = (
     "node_prompt", "node_parent", "node_start", "node_length", "node_eos", "tokens", "log_ratio", "log_z_k", "hidden",
     "log_prob", "node_forced", "prompt_hidden",
 )  # fmt: skip
+_TAP_TENSORS = ("tap", "prompt_tap", "prompt_length")  # present when a tap layer was recorded
 
 
 def merge_rollouts(parts: Sequence[TreeRollouts]) -> TreeRollouts:
@@ -171,15 +191,20 @@ def merge_rollouts(parts: Sequence[TreeRollouts]) -> TreeRollouts:
                 f"rollout shards are not consecutive: prompts from {left.first_prompt} "
                 f"({len(left.prompts)} of them), then from {right.first_prompt}"
             )
+    tap_layers = {part.tap_layer for part in ordered}
+    if len(tap_layers) > 1:
+        raise ConfigurationError(f"rollout shards recorded different tap layers: {sorted(map(str, tap_layers))}")
+    tap_layer = ordered[0].tap_layer
+    names = _TENSORS + (_TAP_TENSORS if tap_layer is not None else ())
     node_offset = prompt_offset = token_offset = 0
-    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in _TENSORS}
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for part in ordered:
         shifted = {
             "node_prompt": part.node_prompt + prompt_offset,
             "node_parent": torch.where(part.node_parent >= 0, part.node_parent + node_offset, part.node_parent),
             "node_start": part.node_start + token_offset,
         }
-        for name in _TENSORS:
+        for name in names:
             pieces[name].append(shifted.get(name, getattr(part, name)))
         node_offset += part.n_nodes
         prompt_offset += len(part.prompts)
@@ -187,6 +212,7 @@ def merge_rollouts(parts: Sequence[TreeRollouts]) -> TreeRollouts:
     return TreeRollouts(
         first_prompt=ordered[0].first_prompt,
         prompts=[p for part in ordered for p in part.prompts],
+        tap_layer=tap_layer,
         **{name: torch.cat(values) for name, values in pieces.items()},
     )
 
@@ -202,6 +228,7 @@ def sample_trees(
     iteration: int = 0,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    tap_layer: int | None = None,
 ) -> TreeRollouts:
     """Sample one tree per prompt (see the module docstring for the tree and its batching).
 
@@ -216,6 +243,8 @@ def sample_trees(
         progress: called with (prompts done, prompts, metrics) after every batch; the metrics are
             ``tokens`` sampled so far, ``tokens_per_s`` and ``planned_tokens`` (`planned_tokens`).
         should_cancel: polled before every decoding step.
+        tap_layer: also record the inputs of this base decoder layer (`TreeRollouts.tap`,
+            `TreeRollouts.prompt_tap`), which a side branch reading that layer trains on.
 
     Raises:
         ConfigurationError: ``first_prompt`` is not aligned, or a prompt leaves no room for the tree.
@@ -227,7 +256,9 @@ def sample_trees(
             f"a rollout shard must start at a multiple of rollout_prompts_per_batch={size}, got {first_prompt}"
         )
     if not prompts:
-        return _flatten([], [], first_prompt, [], [], set(), torch.zeros(0, base.hidden_size))
+        empty = torch.zeros(0, base.hidden_size)
+        taps = (empty, empty, torch.zeros(0, dtype=torch.long)) if tap_layer is not None else None
+        return _flatten([], [], first_prompt, [], [], set(), empty, tap_layer, taps)
     parts: list[TreeRollouts] = []
     planned = planned_tokens(config, len(prompts), first_prompt=first_prompt, iteration=iteration)
     if progress is not None:  # the plan, before any token: what this call will generate at most
@@ -235,7 +266,9 @@ def sample_trees(
     started = time.perf_counter()
     for start in range(0, len(prompts), size):
         batch = list(prompts[start : start + size])
-        parts.append(_sample_batch(base, batch, first_prompt + start, iteration, config, heads, should_cancel))
+        parts.append(
+            _sample_batch(base, batch, first_prompt + start, iteration, config, heads, should_cancel, tap_layer)
+        )
         if progress is not None:
             tokens = sum(int(part.tokens.numel()) for part in parts)
             rate = tokens / max(time.perf_counter() - started, 1e-9)
@@ -330,6 +363,7 @@ def _sample_batch(
     config: TrainingConfig,
     heads: Sequence[ValueModel],
     should_cancel: Callable[[], bool] | None,
+    tap_layer: int | None,
 ) -> TreeRollouts:
     device = base.device
     enc = base.tokenizer(prompts, padding=True, return_tensors="pt")
@@ -339,11 +373,20 @@ def _sample_batch(
         raise ConfigurationError(
             f"prompts of up to {input_ids.shape[1]} tokens leave no room for trees in a context of {base.max_context}"
         )
-    state = KVBatch(base.model.base_model, base.model.get_input_embeddings())
+    read = {h.tap_layer for h in heads if h.tap_layer is not None} | ({tap_layer} if tap_layer is not None else set())
+    state = KVBatch(base.model.base_model, base.model.get_input_embeddings(), tap_layers=read)
     state.prefill(input_ids, attention_mask)
     prompt_hidden = state.prompt_hidden.float().cpu()  # (G, d) the prompt-pooled query of every tree
+    prompt_record = None
+    if tap_layer is not None:
+        lengths = attention_mask.sum(-1)  # (G,) left padding: a prompt's tokens are its last ones
+        inputs = state.prefill_taps[tap_layer]  # (G, P, d)
+        flat = torch.cat([inputs[g, inputs.shape[1] - int(n) :] for g, n in enumerate(lengths.tolist())])
+        prompt_record = (flat.float().cpu(), lengths.cpu())
     for head in heads:
-        head.begin(input_ids, attention_mask)
+        head.begin(
+            input_ids, attention_mask, state.prefill_taps.get(head.tap_layer) if head.tap_layer is not None else None
+        )
     lm_head = base.model.get_output_embeddings()
     eos = torch.tensor(base.eos_token_ids, device=device, dtype=torch.long)
     plans = [_plan_tree(_plan_rng(config, iteration, first_prompt + t), config) for t in range(len(prompts))]
@@ -387,7 +430,8 @@ def _sample_batch(
             forced=forced if bool((forced >= 0).any()) else None,
             prompt_hidden=state.prompt_hidden,
         )  # (R,) each
-        records.append((node_id, tokens, log_ratio, log_z_k, hidden, log_prob))
+        tap = state.taps[tap_layer] if tap_layer is not None else hidden[:, :0]  # (R, d) or (R, 0)
+        records.append((node_id, tokens, log_ratio, log_z_k, hidden, log_prob, tap))
         count += 1
         hit_eos = torch.isin(tokens, eos)  # (R,)
         done = hit_eos | (count >= planned)  # (R,)
@@ -416,16 +460,19 @@ def _sample_batch(
             _select(state, heads, index)
         state.feed(tokens)
         for head in heads:
-            head.advance(tokens)
-    return _flatten(plans, prompts, first_prompt, offsets, records, ended_with_eos, prompt_hidden)
+            head.advance(tokens, taps=state.taps[head.tap_layer] if head.tap_layer is not None else None)
+    taps = None
+    if prompt_record is not None:
+        step_taps = torch.cat([r[6] for r in records]).float().cpu() if records else torch.zeros(0, base.hidden_size)
+        taps = (step_taps, *prompt_record)
+    return _flatten(plans, prompts, first_prompt, offsets, records, ended_with_eos, prompt_hidden, tap_layer, taps)
 
 
 def _select(state: KVBatch, heads: Sequence[ValueModel], index: torch.Tensor) -> None:
     """Keep (and repeat) rows ``index`` (R,) of the base's KV batch and of every head with its own cache."""
     state.select(index)
     for head in heads:
-        if isinstance(head, SeparateBackboneValueModel):
-            head.select_rows(index)
+        head.select_rows(index)
 
 
 def _sample_step(
@@ -489,9 +536,13 @@ def _flatten(
     records: list[tuple[torch.Tensor, ...]],
     ended_with_eos: set[int],
     prompt_hidden: torch.Tensor,
+    tap_layer: int | None = None,
+    taps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> TreeRollouts:
     """Gather the per-step records (node id, token, log-ratio, log Z_k, hidden state, log pi of
-    every row) into trees; ``prompt_hidden`` (P, d) is every prompt's pooled query.
+    every row) into trees; ``prompt_hidden`` (P, d) is every prompt's pooled query. With
+    ``tap_layer``, ``taps`` holds the per-step layer inputs (in record order, (T, d)), the
+    prompts' (sum of lengths, d) and their lengths (P,).
 
     Nodes keep their planned (breadth-first) order, so parents come before children; a node
     is stored when it sampled at least one token (roots always).
@@ -505,6 +556,8 @@ def _flatten(
         log_z_k = torch.cat([r[3] for r in records]).float().cpu()[order]
         hidden = torch.cat([r[4] for r in records]).float().cpu()[order]
         log_prob = torch.cat([r[5] for r in records]).float().cpu()[order]
+        if taps is not None:
+            taps = (taps[0][order], taps[1], taps[2])
     else:
         node_id = tokens = torch.zeros(0, dtype=torch.long)
         log_ratio = log_z_k = log_prob = torch.zeros(0)
@@ -541,6 +594,10 @@ def _flatten(
         log_prob=log_prob,
         node_forced=torch.tensor(forced, dtype=torch.bool),
         prompt_hidden=prompt_hidden,
+        tap_layer=tap_layer if taps is not None else None,
+        tap=taps[0] if taps is not None else None,
+        prompt_tap=taps[1] if taps is not None else None,
+        prompt_length=taps[2] if taps is not None else None,
     )
 
 

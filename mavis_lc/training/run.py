@@ -36,9 +36,10 @@ from mavis_lc.errors import ConfigurationError, RewardError, TrainingCancelled, 
 from mavis_lc.objectives import Objective, get_objective
 from mavis_lc.separate_backbone import SeparateBackboneValueModel, new_separate_backbone
 from mavis_lc.settings import get_settings
+from mavis_lc.side_branch import SideBranchValueModel, new_side_branch
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.files import write_atomic
-from mavis_lc.training.fit import fit_separate_backbone, fit_shared_head_averaged
+from mavis_lc.training.fit import fit_separate_backbone, fit_shared_head, fit_shared_head_averaged, fit_side_branch
 from mavis_lc.training.prompts import format_prompts, load_prompts
 from mavis_lc.training.rollouts import TreeRollouts, sample_trees
 from mavis_lc.training.targets import TreeTargets, compute_targets, reward_stats, score_leaves
@@ -155,6 +156,7 @@ def train_objective(
                     iteration=iteration,
                     progress=report("rollouts", iteration),
                     should_cancel=should_cancel,
+                    tap_layer=tap_layer(config, base),
                 )
                 seconds = time.perf_counter() - started
                 rollout_metrics = {
@@ -217,16 +219,32 @@ def rollout_cache_path(config: TrainingConfig, base: BaseModel, prompts: list[st
     by everything those rollouts depend on. A worker that samples them in shards writes the
     merged file here, and the run then starts from it."""
     prompts_key = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    layer = tap_layer(config, base)
     rollout_key = _sha256(
         {
             "base": [base.model_id, base.fingerprint, str(base.dtype)],
             "prompts": prompts_key,
             "format": _ROLLOUT_FORMAT,
             **{name: getattr(config, name) for name in _ROLLOUT_FIELDS},
+            **({"tap_layer": layer} if layer is not None else {}),
         }
     )
     rollout_dir = Path(config.rollout_cache_dir or get_settings().resolved_cache_dir() / "rollouts")
     return rollout_dir / f"{rollout_key}.safetensors"
+
+
+def tap_layer(config: TrainingConfig, base: BaseModel) -> int | None:
+    """The base layer whose inputs the run's rollouts record: N - side_layers for a side branch, else None.
+
+    Raises:
+        ConfigurationError: ``side_layers`` exceeds the base's layers.
+    """
+    if config.architecture != "side_branch":
+        return None
+    total = int(base.model.config.num_hidden_layers)
+    if config.side_layers > total:
+        raise ConfigurationError(f"side_layers {config.side_layers} exceeds the base's {total} decoder layers")
+    return total - config.side_layers
 
 
 def _targets_stage(
@@ -295,6 +313,11 @@ def _warm_start(
                 base, objective.name, n_layers=config.backbone_layers, mode=config.value_mode,
                 reward_mean=mean, reward_std=std, iteration=iteration,
             )  # fmt: skip
+        if config.architecture == "side_branch":
+            return new_side_branch(
+                base, objective.name, n_layers=config.side_layers, prompt_query=config.prompt_query,
+                reward_mean=mean, reward_std=std, iteration=iteration,
+            )  # fmt: skip
         options = {"prompt_query": True} if config.prompt_query else {}
         return new_shared_head(
             base, objective.name, reward_mean=mean, reward_std=std, iteration=iteration, options=options
@@ -317,7 +340,22 @@ def _fit(
     progress: Callable[..., None],
     should_cancel: Callable[[], bool] | None,
 ) -> dict[str, float]:
-    if isinstance(model, SeparateBackboneValueModel):
+    if isinstance(model, SideBranchValueModel):
+        prefit: dict[str, float] = {}
+        if model.config.iteration == 0:
+            # Iteration 0 starts from a shared head fitted on the base's final states, which the
+            # fresh branch reproduces exactly; the branch's own fit then starts where that head is.
+            shared = new_shared_head(base, model.objective, options={"prompt_query": model.q_head.prompt_query})
+            fitted = fit_shared_head(
+                shared, rollouts, targets.token_target, config, progress=progress, should_cancel=should_cancel
+            )
+            model.q_head.load_state_dict(shared.state_dict())
+            prefit = {f"shared_{name}": value for name, value in fitted.metrics.items()}
+        result = fit_side_branch(
+            model, rollouts, targets.token_target, config, progress=progress, should_cancel=should_cancel
+        )
+        result.metrics.update(prefit)
+    elif isinstance(model, SeparateBackboneValueModel):
         result = fit_separate_backbone(
             model, base, rollouts, targets.token_target, config, progress=progress, should_cancel=should_cancel
         )
