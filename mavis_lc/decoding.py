@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
+from mavis_lc.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
 from mavis_lc.separate_backbone import LayerTap
 from mavis_lc.value_model import ValueModel, check_compatible, prompt_mean
 from mavis_lc.weights import Weights, weight_matrix
@@ -72,6 +73,11 @@ class Generation:
     """Per objective: mean over steps of Q(chosen) - E_{pi_ref top-k}[Q], in normalised reward units."""
     weights: dict[str, float]
     seed: int
+    constrained: bool = False
+    """Whether a grammar constrained the row."""
+    grammar_complete: bool | None = None
+    """For a constrained row: whether its output is a complete match of the grammar (False when
+    max_new_tokens cut it short); None without a grammar."""
 
     def info(self) -> dict[str, object]:
         """The statistics as plain JSON-able values (LangChain generation_info)."""
@@ -85,6 +91,8 @@ class Generation:
             "mean_tilt": dict(self.mean_tilt),
             "weights": dict(self.weights),
             "seed": self.seed,
+            "constrained": self.constrained,
+            "grammar_complete": self.grammar_complete,
         }
 
 
@@ -185,6 +193,7 @@ class MavisDecoder:
         self._backbone = base.model.base_model  # the decoder stack, final norm included
         self._lm_head = base.model.get_output_embeddings()
         self._tap_layers = sorted({h.tap_layer for h in self.heads if h.tap_layer is not None})
+        self._grammars: GrammarCompiler | None = None
 
     def check(self, config: DecodeConfig, prompt_tokens: int = 0) -> None:
         """Raise `DecodingParameterError` naming the first parameter out of range."""
@@ -215,10 +224,11 @@ class MavisDecoder:
         config: DecodeConfig | None = None,
         *,
         seeds: Sequence[int] | None = None,
+        grammars: Sequence[Grammar | None] | None = None,
     ) -> list[Generation]:
         """Decode every prompt in one batched loop; see `stream` for the arguments."""
         results: list[Generation | None] = [None] * len(prompts)
-        for step in self.stream(prompts, weights, config, seeds=seeds):
+        for step in self.stream(prompts, weights, config, seeds=seeds, grammars=grammars):
             for b, finished in enumerate(step.finished):
                 if finished is not None:
                     results[b] = finished
@@ -231,6 +241,7 @@ class MavisDecoder:
         config: DecodeConfig | None = None,
         *,
         seeds: Sequence[int] | None = None,
+        grammars: Sequence[Grammar | None] | None = None,
     ) -> Iterator[StreamStep]:
         """Decode a batch of prompts, yielding each step's per-row text deltas.
 
@@ -241,10 +252,15 @@ class MavisDecoder:
             config: decoding parameters (default `DecodeConfig()`).
             seeds: B per-row seeds; default: ``config.seed`` for every row, so a prompt gives
                 the same output alone or in any batch.
+            grammars: B per-row grammars (`mavis_lc.grammar.Grammar`) or None entries for
+                unconstrained rows. A row's allowed-token mask is applied to the base logits
+                before the top-k, so every candidate is legal; EOS only where the grammar
+                accepts. Where ``min_new_tokens`` still bans EOS but the grammar allows nothing
+                else, the grammar wins.
 
         Raises:
             DecodingParameterError, InvalidWeightError, UnknownObjectiveError: bad arguments,
-                raised before any decoding.
+                raised before any decoding (a grammar that does not compile: `GrammarError`).
         """
         cfg = config or DecodeConfig()
         batch = len(prompts)
@@ -252,6 +268,7 @@ class MavisDecoder:
             return
         rows = _weight_rows(weights, batch)
         row_seeds = self._row_seeds(cfg, seeds, batch)
+        constraints = self._constraints(grammars, batch)
         device = self.base.device
         tok = self.base.tokenizer
         enc = tok(list(prompts), padding=True, return_tensors="pt")
@@ -295,6 +312,9 @@ class MavisDecoder:
         for step in range(cfg.max_new_tokens):
             with torch.inference_mode():
                 logits = self._lm_head(hidden)  # (B, V)
+                allowed = no_eos if step < cfg.min_new_tokens else None
+                if any(c is not None for c in constraints):
+                    allowed = _grammar_mask(constraints, tracker.done, allowed, batch, self.base.vocab_size, device)
                 out = mavis_step(
                     logits,
                     hidden,
@@ -304,11 +324,15 @@ class MavisDecoder:
                     top_k=cfg.top_k,
                     temperature=temperature,
                     generators=generators,
-                    allowed=no_eos if step < cfg.min_new_tokens else None,
+                    allowed=allowed,
                     prompt_hidden=prompt_hidden,
                 )
                 steps.append((out.log_ratio.double().cpu(), out.log_ratio_topk.double().cpu(), out.tilt.double().cpu()))
-            deltas = tracker.push(out.tokens.tolist(), last_step=step + 1 == cfg.max_new_tokens)
+            chosen = out.tokens.tolist()
+            for b, constraint in enumerate(constraints):
+                if constraint is not None and not tracker.done[b]:
+                    constraint.consume(chosen[b])
+            deltas = tracker.push(chosen, last_step=step + 1 == cfg.max_new_tokens)
             finished: list[Generation | None] = [None] * batch
             for b in tracker.newly_done:
                 n = tracker.kept[b]
@@ -327,6 +351,8 @@ class MavisDecoder:
                     },
                     weights=dict(rows[b]),
                     seed=row_seeds[b],
+                    constrained=constraints[b] is not None,
+                    grammar_complete=_complete(constraints[b]),
                 )
             yield StreamStep(deltas=deltas, finished=finished)
             if bool(tracker.done.all()):
@@ -346,6 +372,30 @@ class MavisDecoder:
                     taps = _tap_of(head, tap)
                     head.advance(out.tokens, taps=None if taps is None else taps[:, -1])
 
+    def _constraints(self, grammars: Sequence[Grammar | None] | None, batch: int) -> list[RowConstraint | None]:
+        """One compiled constraint per row (None: unconstrained); compile errors before decoding."""
+        if grammars is None:
+            return [None] * batch
+        if len(grammars) != batch:
+            raise GrammarError(f"got {len(grammars)} grammars for {batch} prompts; give one per prompt")
+        if all(g is None for g in grammars):
+            return [None] * batch
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.base.tokenizer, self.base.vocab_size, self.base.eos_token_ids)
+        compiled: dict[Grammar, RowConstraint] = {}
+        out: list[RowConstraint | None] = []
+        for grammar in grammars:
+            checked = Grammar.coerce(grammar)
+            if checked is None:
+                out.append(None)
+                continue
+            if checked not in compiled:  # validate once per distinct grammar, then a matcher per row
+                compiled[checked] = self._grammars.constraint(checked)
+                out.append(compiled[checked])
+            else:
+                out.append(self._grammars.constraint(checked))
+        return out
+
     @staticmethod
     def _row_seeds(cfg: DecodeConfig, seeds: Sequence[int] | None, batch: int) -> list[int]:
         if seeds is not None:
@@ -355,6 +405,30 @@ class MavisDecoder:
         if cfg.seed is not None:
             return [int(cfg.seed)] * batch
         return [random.randrange(2**63) for _ in range(batch)]
+
+
+def _grammar_mask(
+    constraints: Sequence[RowConstraint | None],
+    done: torch.Tensor,
+    no_eos: torch.Tensor | None,
+    batch: int,
+    vocab: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, V) bool: each constrained, unfinished row's grammar mask, and ``no_eos`` where it
+    leaves that row something to take."""
+    allowed = torch.ones(batch, vocab, dtype=torch.bool) if no_eos is None else no_eos.cpu().clone()
+    for b, constraint in enumerate(constraints):
+        if constraint is None or done[b]:
+            continue
+        legal = constraint.allowed()  # (V,)
+        both = legal & allowed[b]
+        allowed[b] = both if bool(both.any()) else legal
+    return allowed.to(device)
+
+
+def _complete(constraint: RowConstraint | None) -> bool | None:
+    return None if constraint is None else constraint.accepting
 
 
 def _tap_of(head: ValueModel, tap: LayerTap) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder, StreamStep
 from mavis_lc.errors import ModelLoadError
+from mavis_lc.grammar import Grammar
 from mavis_lc.value_model import load_value_model
 from mavis_lc.weights import Weights
 
@@ -87,9 +88,10 @@ class MavisEngine:
         weights: Weights | Sequence[Weights] | None,
         config: DecodeConfig,
         seeds: Sequence[int] | None = None,
+        grammars: Sequence[Grammar | None] | None = None,
     ) -> list[Generation]:
         with self.lock:
-            return self.decoder.generate(prompts, weights, config, seeds=seeds)
+            return self.decoder.generate(prompts, weights, config, seeds=seeds, grammars=grammars)
 
     def stream(
         self,
@@ -97,9 +99,10 @@ class MavisEngine:
         weights: Weights | Sequence[Weights] | None,
         config: DecodeConfig,
         seeds: Sequence[int] | None = None,
+        grammars: Sequence[Grammar | None] | None = None,
     ) -> Iterator[StreamStep]:
         with self.lock:
-            yield from self.decoder.stream(prompts, weights, config, seeds=seeds)
+            yield from self.decoder.stream(prompts, weights, config, seeds=seeds, grammars=grammars)
 
 
 _ENGINES: dict[tuple[object, ...], MavisEngine] = {}

@@ -13,9 +13,12 @@ as given (see `mavis_lc.weights`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import json
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any, cast
+from operator import itemgetter
+from typing import Any, Literal, cast
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -23,9 +26,13 @@ from langchain_core.callbacks import (
     CallbackManager,
     CallbackManagerForLLMRun,
 )
+from langchain_core.exceptions import OutputParserException
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import (
     ChatGeneration,
     ChatGenerationChunk,
@@ -34,16 +41,29 @@ from langchain_core.outputs import (
     GenerationChunk,
     LLMResult,
 )
-from langchain_core.runnables import RunnableConfig
-from langchain_core.runnables.config import get_config_list
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.runnables.config import ensure_config, get_config_list
+from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ConfigDict, Field
 
 from mavis_lc import decoding
 from mavis_lc.engine import MavisEngine, get_engine
 from mavis_lc.errors import ConfigurationError, DecodingParameterError
+from mavis_lc.grammar import Grammar
 from mavis_lc.settings import get_settings
+from mavis_lc.tools import (
+    chosen_tools,
+    closed_schema,
+    format_tools,
+    parse_tool_calls,
+    render_messages,
+    template_takes_tools,
+    tool_grammar,
+)
 
-CALL_PARAMS = ("weights", "preset", "beta", "top_k", "temperature", "max_tokens", "min_tokens", "seed", "do_sample")
+CALL_PARAMS = (
+    "weights", "preset", "beta", "top_k", "temperature", "max_tokens", "min_tokens", "seed", "do_sample", "grammar",
+)  # fmt: skip
 """Parameters a single call may override (as keyword arguments of invoke, batch, stream...)."""
 ROW_PARAMS = ("weights", "seed")
 """Call parameters that ``batch`` accepts per input: a list aligned with the inputs."""
@@ -79,6 +99,9 @@ class _MavisParams(BaseModel):
     In ``batch`` a list of seeds aligned with the inputs gives each row its own (n samples of a prompt)."""
     stop: list[str] | None = None
     """Default stop strings; the output is cut just before the first one."""
+    grammar: Grammar | dict[str, Any] | None = None
+    """A grammar every output must match (`mavis_lc.grammar.Grammar`, or ``{"type": "json_schema" |
+    "regex" | "lark", "value": ...}``), applied to the base logits before the top-k; None: free text."""
     device: str | None = None
     """``auto``, ``cpu``, ``cuda``...; default ``MAVIS_DEVICE``."""
     dtype: str | None = None
@@ -148,10 +171,12 @@ class _MavisParams(BaseModel):
 
     def _decode(
         self, prompts: Sequence[str], stop: list[str] | None, kwargs: Mapping[str, Any]
-    ) -> tuple[MavisEngine, decoding.DecodeConfig, list[dict[str, float]], list[int] | None]:
-        """Everything a decode needs: the engine, the config, one weight mapping per prompt, and
-        per-row seeds when the call gave a list of them."""
+    ) -> tuple[MavisEngine, decoding.DecodeConfig, list[dict[str, float]], list[int] | None, list[Any] | None]:
+        """Everything a decode needs: the engine, the config, one weight mapping per prompt,
+        per-row seeds when the call gave a list of them, and per-row grammars (None: none)."""
         opts = self._call_options(stop, kwargs)
+        grammar = Grammar.coerce(opts["grammar"])
+        grammars: list[Any] | None = [grammar] * len(prompts) if grammar is not None else None
         seed = opts["seed"]
         seeds: list[int] | None = None
         if isinstance(seed, Sequence):
@@ -187,7 +212,7 @@ class _MavisParams(BaseModel):
             seed=seed,
             stop=tuple(opts["stop"] or ()),
         )
-        return engine, config, rows, seeds
+        return engine, config, rows, seeds, grammars
 
     def _metadata(self, engine: MavisEngine, generation: decoding.Generation) -> dict[str, Any]:
         return {**generation.info(), "model_name": engine.base.model_id, "heads": engine.heads_info()}
@@ -208,10 +233,39 @@ class _MavisParams(BaseModel):
         return cache is not False and (cache is not None or get_llm_cache() is not None)
 
 
+CONFIG_KEY = "mavis"
+"""The key of ``configurable`` under which a run's mavis call parameters go:
+``config={"configurable": {"mavis": {"weights": {...}, "beta": 4}}}``."""
+
+
 def _from_config(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Call parameters given in ``config["configurable"]`` (how chains pass them to every step)."""
-    configurable = (config or {}).get("configurable") or {}
-    return {**{k: v for k, v in configurable.items() if k in CALL_PARAMS}, **kwargs}
+    """Call parameters given in ``config["configurable"]["mavis"]`` (how chains and graphs pass
+    them to every step), below the call's own keyword arguments.
+
+    The config is completed with `ensure_config`, so a graph node that calls ``model.invoke(x)``
+    without passing its config still gets the run's. Flat keys (``configurable={"weights":
+    ...}``) are still read where there is no ``"mavis"`` key, with a `DeprecationWarning`:
+    another model's ``temperature`` or ``seed`` in the same run would leak into this one's.
+
+    Raises:
+        ConfigurationError: ``configurable["mavis"]`` is not a mapping of call parameters.
+    """
+    configurable = ensure_config(config).get("configurable") or {}
+    namespaced = configurable.get(CONFIG_KEY) or {}
+    if not isinstance(namespaced, Mapping) or sorted(set(namespaced) - set(CALL_PARAMS)):
+        raise ConfigurationError(
+            f"configurable[{CONFIG_KEY!r}] must map call parameters ({', '.join(CALL_PARAMS)}) to values, "
+            f"got {namespaced!r}"
+        )
+    flat = {k: v for k, v in configurable.items() if k in CALL_PARAMS} if CONFIG_KEY not in configurable else {}
+    if flat:
+        warnings.warn(
+            f"call parameters directly under configurable ({', '.join(sorted(flat))}) are deprecated: put them "
+            f"under configurable[{CONFIG_KEY!r}], where no other model's parameters can reach them",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return {**flat, **namespaced, **kwargs}
 
 
 def _batch_kwargs(configs: list[RunnableConfig], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -366,8 +420,8 @@ class MavisLLM(_MavisParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        engine, config, rows, seeds = self._decode(prompts, stop, kwargs)
-        generations = engine.generate(prompts, rows, config, seeds=seeds)
+        engine, config, rows, seeds, grammars = self._decode(prompts, stop, kwargs)
+        generations = engine.generate(prompts, rows, config, seeds=seeds, grammars=grammars)
         return LLMResult(
             generations=[[Generation(text=g.text, generation_info=self._metadata(engine, g))] for g in generations],
             llm_output={"model_name": engine.base.model_id, "token_usage": _usage(generations)},
@@ -380,8 +434,8 @@ class MavisLLM(_MavisParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        engine, config, rows, seeds = self._decode([prompt], stop, kwargs)
-        for step in engine.stream([prompt], rows, config, seeds=seeds):
+        engine, config, rows, seeds, grammars = self._decode([prompt], stop, kwargs)
+        for step in engine.stream([prompt], rows, config, seeds=seeds, grammars=grammars):
             finished = step.finished[0]
             info = self._metadata(engine, finished) if finished is not None else None
             if not step.deltas[0] and info is None:
@@ -404,29 +458,61 @@ class ChatMavis(_MavisParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "mavis-chat"
 
-    def _format(self, engine: MavisEngine, messages: Sequence[BaseMessage]) -> str:
-        chat = [{"role": _role(m), "content": m.text} for m in messages]
+    def _format(
+        self, engine: MavisEngine, messages: Sequence[BaseMessage], tools: Sequence[Mapping[str, Any]] = ()
+    ) -> str:
         tokenizer = engine.base.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigurationError(
                 f"base model {engine.base.model_id!r} has no chat template; use MavisLLM for plain prompts"
             )
-        return cast(str, tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+        native = template_takes_tools(tokenizer)
+        chat = render_messages(messages, tools, native=native)
+        extra: dict[str, Any] = {"tools": [dict(t) for t in tools]} if native and tools else {}
+        return cast(str, tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **extra))
+
+    def _tool_setup(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], str, list[Mapping[str, Any]]]:
+        """Split a call's kwargs into decoding kwargs (a tool grammar folded in), the tool mode and
+        the tools the answer may call (`mavis_lc.tools.chosen_tools`)."""
+        tool_keys = ("tools", "tool_choice", "parallel_tool_calls", "ls_structured_output_format")
+        rest = {k: v for k, v in kwargs.items() if k not in tool_keys}
+        tools = format_tools(kwargs.get("tools") or [])
+        mode, usable = chosen_tools(tools, kwargs.get("tool_choice")) if tools else ("none", [])
+        grammar = tool_grammar(mode, usable, parallel=bool(kwargs.get("parallel_tool_calls")))
+        if grammar is not None:
+            if rest.get("grammar") is not None:
+                raise ConfigurationError(
+                    "a call cannot take both tools and a grammar: the tools' grammar is the call's"
+                )
+            rest["grammar"] = grammar
+        return rest, mode, usable
+
+    def _message(
+        self, engine: MavisEngine, g: decoding.Generation, mode: str, tools: Sequence[Mapping[str, Any]]
+    ) -> AIMessage:
+        meta = self._metadata(engine, g)
+        if mode == "none":
+            return AIMessage(content=g.text, usage_metadata=_message_usage(g), response_metadata=meta)
+        content, calls, invalid = parse_tool_calls(g.text, tools)
+        return AIMessage(
+            content=content,
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
+            usage_metadata=_message_usage(g),
+            response_metadata={**meta, "finish_reason": "tool_calls" if calls else meta["finish_reason"]},
+        )
 
     def _chat_generations(
         self, batch: Sequence[Sequence[BaseMessage]], stop: list[str] | None, kwargs: Mapping[str, Any]
     ) -> list[ChatGeneration]:
         engine = self.engine()
-        prompts = [self._format(engine, m) for m in batch]
-        engine, config, rows, seeds = self._decode(prompts, stop, kwargs)
+        decode_kwargs, mode, tools = self._tool_setup(kwargs)
+        shown = tools if mode != "none" else []
+        prompts = [self._format(engine, m, shown) for m in batch]
+        engine, config, rows, seeds, grammars = self._decode(prompts, stop, decode_kwargs)
         return [
-            ChatGeneration(
-                message=AIMessage(
-                    content=g.text, usage_metadata=_message_usage(g), response_metadata=self._metadata(engine, g)
-                ),
-                generation_info=self._metadata(engine, g),
-            )
-            for g in engine.generate(prompts, rows, config, seeds=seeds)
+            ChatGeneration(message=self._message(engine, g, mode, tools), generation_info=self._metadata(engine, g))
+            for g in engine.generate(prompts, rows, config, seeds=seeds, grammars=grammars)
         ]
 
     def _generate(
@@ -445,24 +531,138 @@ class ChatMavis(_MavisParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        """Text streams as it is decoded; an answer that starts a tool call is held back and
+        ends in one chunk of ``tool_call_chunks`` (and any text around the calls)."""
         engine = self.engine()
-        prompt = self._format(engine, messages)
-        engine, config, rows, seeds = self._decode([prompt], stop, kwargs)
-        for step in engine.stream([prompt], rows, config, seeds=seeds):
-            if step.deltas[0]:
-                yield ChatGenerationChunk(message=AIMessageChunk(content=step.deltas[0]))
+        decode_kwargs, mode, tools = self._tool_setup(kwargs)
+        prompt = self._format(engine, messages, tools if mode != "none" else [])
+        engine, config, rows, seeds, grammars = self._decode([prompt], stop, decode_kwargs)
+        text = ""
+        calling = mode == "required"
+        for step in engine.stream([prompt], rows, config, seeds=seeds, grammars=grammars):
+            delta = step.deltas[0]
+            if delta:
+                if mode == "auto" and not text and delta.lstrip().startswith("<"):
+                    calling = True
+                text += delta
+                if not calling:
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+                    if run_manager:
+                        run_manager.on_llm_new_token(delta, chunk=chunk)
+                    yield chunk
             finished = step.finished[0]
             if finished is not None:
                 meta = self._metadata(engine, finished)
+                message = self._message(engine, finished, mode, tools) if calling else None
+                calls = message.tool_calls if message else []
+                chunks = [
+                    tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+                    for i, c in enumerate(calls)
+                ]
+                chunks += [
+                    tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
+                    for i, c in enumerate(message.invalid_tool_calls if message else [])
+                ]
                 yield ChatGenerationChunk(
                     message=AIMessageChunk(
-                        content="",
+                        content=message.content if message else "",
+                        tool_call_chunks=chunks,
                         usage_metadata=_message_usage(finished),
-                        response_metadata=meta,
+                        response_metadata=message.response_metadata if message else meta,
                         chunk_position="last",
                     ),
                     generation_info=meta,
                 )
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | bool | None = None,
+        parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools the model may call (LangChain tools, pydantic models, TypedDicts, functions
+        or OpenAI tool dicts).
+
+        ``tool_choice``: None or ``"auto"`` (the model answers in text or calls tools),
+        ``"none"`` (text only), ``"any"`` / ``"required"`` / True (at least one call), a tool's
+        name or ``{"type": "function", "function": {"name": ...}}`` (calls of that tool). Calls
+        are grammar-enforced: a call is always well-formed JSON naming a bound tool with
+        arguments that follow its schema. The answer's calls are in ``AIMessage.tool_calls``;
+        one call per answer unless ``parallel_tool_calls``.
+
+        Raises:
+            ConfigurationError: a tool that cannot be converted, or a ``tool_choice`` not allowed.
+        """
+        formatted = format_tools(tools)
+        chosen_tools(formatted, tool_choice)  # refuse a bad choice now, not at the first call
+        return self.bind(tools=formatted, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable whose output follows ``schema`` (a pydantic model, a TypedDict, a JSON schema
+        or an OpenAI tool dict): a pydantic instance for a pydantic model, else a dict.
+
+        ``method``: ``json_schema`` (the answer is a JSON object the schema's grammar enforces),
+        ``function_calling`` (a forced call of a tool made of the schema) or ``json_mode`` (any
+        JSON object; ``schema`` may be None, the prompt should say what to write). With
+        ``include_raw`` the output is ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``.
+        ``strict`` is accepted for compatibility: every method here is grammar-enforced.
+
+        Raises:
+            ConfigurationError: an unknown method or extra keyword arguments.
+        """
+        if kwargs:
+            raise ConfigurationError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
+        if schema is None and method != "json_mode":
+            raise ConfigurationError(f"method {method!r} needs a schema; only json_mode takes none")
+        is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            tool = format_tools([schema])[0]
+            name = tool["function"]["name"]
+            llm: Runnable[Any, Any] = self.bind_tools(
+                [tool], tool_choice=name, ls_structured_output_format={"kwargs": {"method": method}, "schema": tool}
+            )
+            if is_pydantic:
+                parser = PydanticToolsParser(tools=[cast(type[BaseModel], schema)], first_tool_only=True)
+            else:
+                parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_mode":
+                json_schema: dict[str, Any] = {"type": "object"}
+            elif is_pydantic:
+                json_schema = cast(type[BaseModel], schema).model_json_schema()
+            else:
+                json_schema = dict(format_tools([schema])[0]["function"].get("parameters") or {"type": "object"})
+            if method == "json_schema":
+                json_schema = closed_schema(json_schema)  # the schema's keys and no others
+            llm = self.bind(
+                grammar=Grammar.json_schema(json_schema),
+                ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
+            )
+            parser = (
+                PydanticOutputParser(pydantic_object=cast(type[BaseModel], schema))
+                if is_pydantic and method == "json_schema"
+                else RunnableLambda(_parse_json_answer)
+            )
+        else:
+            raise ConfigurationError(
+                f"method {method!r} is not allowed; allowed: json_schema, function_calling, json_mode"
+            )
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
 
     def batch(  # type: ignore[override]
         self,
@@ -583,12 +783,19 @@ class ChatMavis(_MavisParams, BaseChatModel):
         return outputs
 
 
-def _role(message: BaseMessage) -> str:
-    if isinstance(message, ChatMessage):
-        return message.role
-    if isinstance(message, ToolMessage):
-        return "tool"
-    return {"human": "user", "ai": "assistant", "system": "system"}.get(message.type, message.type)
+def _parse_json_answer(message: BaseMessage) -> Any:
+    """The JSON value of an answer; one cut short (max_tokens) raises rather than parse partly.
+
+    Raises:
+        OutputParserException: the answer is not one complete JSON value.
+    """
+    try:
+        return json.loads(message.text)
+    except json.JSONDecodeError as exc:
+        reason = message.response_metadata.get("finish_reason")
+        raise OutputParserException(
+            f"answer is not complete JSON ({exc}; finish_reason {reason})", llm_output=message.text
+        ) from exc
 
 
 def _message_usage(g: decoding.Generation) -> Any:
