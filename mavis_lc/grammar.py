@@ -48,7 +48,7 @@ class Grammar:
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any] | str) -> Grammar:
         """Output that is one JSON value matching ``schema`` (a dict or its JSON text)."""
-        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))  # keeps key order
 
     @classmethod
     def regex(cls, pattern: str) -> Grammar:

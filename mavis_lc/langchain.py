@@ -44,6 +44,8 @@ from langchain_core.outputs import (
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import ensure_config, get_config_list
 from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from mavis_lc import decoding
@@ -624,7 +626,7 @@ class ChatMavis(_MavisParams, BaseChatModel):
             raise ConfigurationError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
         if schema is None and method != "json_mode":
             raise ConfigurationError(f"method {method!r} needs a schema; only json_mode takes none")
-        is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)  # pydantic v2 or v1
         parser: Runnable[Any, Any]
         if method == "function_calling":
             tool = format_tools([schema])[0]
@@ -637,17 +639,13 @@ class ChatMavis(_MavisParams, BaseChatModel):
             else:
                 parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
         elif method in ("json_schema", "json_mode"):
-            if method == "json_mode":
-                json_schema: dict[str, Any] = {"type": "object"}
-            elif is_pydantic:
-                json_schema = cast(type[BaseModel], schema).model_json_schema()
-            else:
-                json_schema = dict(format_tools([schema])[0]["function"].get("parameters") or {"type": "object"})
-            if method == "json_schema":
-                json_schema = closed_schema(json_schema)  # the schema's keys and no others
+            traced = convert_to_json_schema(cast(Any, schema)) if schema is not None else None  # what tracing shows
+            json_schema: dict[str, Any] = {"type": "object"}
+            if method == "json_schema" and traced is not None:
+                json_schema = closed_schema(traced)  # the schema's keys and no others
             llm = self.bind(
                 grammar=Grammar.json_schema(json_schema),
-                ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
+                ls_structured_output_format={"kwargs": {"method": method}, "schema": traced},
             )
             parser = (
                 PydanticOutputParser(pydantic_object=cast(type[BaseModel], schema))

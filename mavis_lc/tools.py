@@ -107,7 +107,7 @@ def tool_grammar(mode: str, tools: Sequence[Mapping[str, Any]], *, parallel: boo
     rules = [
         "calls: call+" if parallel else "calls: call",
         f'call: "{CALL_OPEN}\\n" body "\\n{CALL_CLOSE}" "\\n"?',
-        f"body: %json {json.dumps(calls, sort_keys=True)}",
+        f"body: %json {json.dumps(calls)}",  # properties in order: the name first
     ]
     if mode == "required":
         return Grammar.lark("\n".join(["start: calls", *rules]))

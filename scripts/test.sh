@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 bash scripts/services.sh
 ruff check .
-ruff format --check mavis_lc worker tests benchmarks
+ruff format --check mavis_lc worker tests benchmarks examples
 mypy
 MAVIS_REQUIRE_SERVICES=1 python -m pytest -q "$@"  # a missing service fails, never skips
