@@ -1,23 +1,25 @@
-"""Tool use on the packaged SmolLM2, steered while it calls tools.
+"""An agent on the packaged SmolLM2 with LangChain's create_agent, steered while it calls tools.
 
     pip install "mavis-lc[agents]"      # adds langchain (create_agent) and langgraph
-    python examples/agent.py            # a forced call, the tool runs, then a text answer
-    python examples/agent.py --agent    # LangChain's create_agent loop (the model decides)
+    python examples/agent.py            # call a tool, read its result, answer
+    python examples/agent.py --free     # the model decides whether to call (tool_choice "auto")
     python examples/agent.py --head positivity@latest --weight 1.0   # steered (a trained head)
 
 ChatMavis enforces each call with a grammar (valid JSON, a bound tool's name, arguments that
 follow its schema), so even a 135M-parameter model calls tools without malformed output; what
-it calls and with which values is still the model's own. Left to decide (``--agent``, tool
-choice "auto"), SmolLM2-135M mostly answers in text; the default run forces the first turn to
-call a tool (tool_choice "any") and the second to answer (tool_choice "none").
+it calls and with which values is still the model's own. Left to decide, SmolLM2-135M mostly
+answers in text, so by default a small middleware sets tool_choice per model call: "any" until
+a tool has answered, then "none" (a text answer from the tool's result).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from langchain.agents import create_agent
-from langchain_core.messages import HumanMessage
+from langchain.agents.middleware import ModelRequest, ModelResponse, wrap_model_call
+from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 
@@ -36,27 +38,27 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+@wrap_model_call
+def call_a_tool_first(request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> ModelResponse:
+    """tool_choice "any" until a tool has answered, then "none"."""
+    answered = any(isinstance(m, ToolMessage) for m in request.messages)
+    return handler(request.override(tool_choice="none" if answered else "any"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--question", default="What is the weather in Paris?")
     parser.add_argument("--head", action="append", default=[], help="value head spec or path (repeatable)")
     parser.add_argument("--weight", type=float, default=1.0, help="weight of every head")
-    parser.add_argument("--agent", action="store_true", help="run LangChain's create_agent loop instead")
+    parser.add_argument("--free", action="store_true", help="let the model decide whether to call a tool")
     args = parser.parse_args()
     model = ChatMavis(heads=args.head, max_tokens=96, temperature=0.7, beta=4.0 if args.head else 0.0)
     tools = [get_weather, add]
     weights = {spec.split("@")[0]: args.weight for spec in args.head}
     config: RunnableConfig = {"configurable": {"mavis": {"weights": weights}}, "recursion_limit": 8}
-    if args.agent:
-        agent = create_agent(model, tools=tools, system_prompt="Use the tools when they help.")
-        messages = agent.invoke({"messages": [{"role": "user", "content": args.question}]}, config=config)["messages"]
-    else:
-        messages = [HumanMessage(args.question)]
-        call = model.bind_tools(tools, tool_choice="any").invoke(messages, config=config)
-        by_name = {t.name: t for t in tools}
-        results = [by_name[c["name"]].invoke(c) for c in call.tool_calls]  # ToolMessages
-        messages += [call, *results]
-        messages.append(model.bind_tools(tools, tool_choice="none").invoke(messages, config=config))
+    middleware = [] if args.free else [call_a_tool_first]
+    agent = create_agent(model, tools=tools, system_prompt="Use the tools when they help.", middleware=middleware)
+    messages = agent.invoke({"messages": [{"role": "user", "content": args.question}]}, config=config)["messages"]
     for message in messages:
         calls = getattr(message, "tool_calls", None)
         shown = f"calls {[(c['name'], c['args']) for c in calls]}" if calls else message.text

