@@ -10,6 +10,9 @@ read. Peak RSS is measured in two fresh child processes, one per variant.
     python benchmarks/decode.py --value-models shared side --no-memory
                                                      # also 2 side branches (copies of the base's last
                                                      # --side-layers layers, each with its own KV cache)
+    python benchmarks/decode.py --grammar json --no-memory
+                                                     # also the shared heads under a 10-field JSON
+                                                     # schema (llguidance masks before the top-k)
     python benchmarks/decode.py --value-models shared separate scalar --no-memory
                                                      # also 2 separate-backbone value models (2 layers),
                                                      # scoring candidates with Q heads or scalar V(s + a)
@@ -30,6 +33,7 @@ import torch
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
+from mavis_lc.grammar import Grammar, GrammarCompiler
 from mavis_lc.quickstart import shipped_prompts
 from mavis_lc.separate_backbone import new_separate_backbone
 from mavis_lc.side_branch import new_side_branch
@@ -91,15 +95,41 @@ def run_plain(base: BaseModel, prompts: list[str], tokens: int, top_k: int) -> f
     return len(prompts) * tokens / elapsed
 
 
-def run_mavis(decoder: MavisDecoder, prompts: list[str], tokens: int, top_k: int) -> float:
+def run_mavis(
+    decoder: MavisDecoder, prompts: list[str], tokens: int, top_k: int, grammar: Grammar | None = None
+) -> float:
+    """Tokens per second; under a grammar a row may end (EOS) before ``tokens``, and the tokens
+    it generated are what count."""
     weights = {name: 1.0 / len(decoder.objectives) for name in decoder.objectives}
     cfg = DecodeConfig(max_new_tokens=tokens, min_new_tokens=tokens, top_k=top_k, seed=0)
+    grammars = [grammar] * len(prompts) if grammar is not None else None
     start = time.perf_counter()
-    out = decoder.generate(prompts, weights, cfg)
+    out = decoder.generate(prompts, weights, cfg, grammars=grammars)
     _sync(decoder.base)
     elapsed = time.perf_counter() - start
-    assert all(g.completion_tokens == tokens for g in out)
-    return len(prompts) * tokens / elapsed
+    if grammar is None:
+        assert all(g.completion_tokens == tokens for g in out)
+    return sum(g.completion_tokens for g in out) / elapsed
+
+
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "summary": {"type": "string"},
+        "author": {"type": "string"},
+        "year": {"type": "integer"},
+        "pages": {"type": "integer"},
+        "rating": {"type": "number"},
+        "fiction": {"type": "boolean"},
+        "language": {"enum": ["en", "fr", "de", "es"]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "review": {"type": "string"},
+    },
+    "required": ["title", "summary", "author", "year", "pages", "rating", "fiction", "language", "tags", "review"],
+    "additionalProperties": False,
+}
+"""The --grammar json schema: 10 fields of every JSON type."""
 
 
 def _sync(base: BaseModel) -> None:
@@ -138,6 +168,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="auto, cpu, cuda")
     parser.add_argument("--dtype", default=None, help="auto, float32, bfloat16")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument("--grammar", choices=["json"], help="also time the shared heads under a 10-field JSON schema")
     parser.add_argument("--child", choices=["plain", "mavis", *VALUE_MODELS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -152,6 +183,19 @@ def main() -> None:
         )
         for kind in args.value_models
     }
+    grammar = Grammar.json_schema(JSON_SCHEMA) if args.grammar else None
+    if grammar is not None:
+        compiler = GrammarCompiler(base.tokenizer, base.vocab_size, base.eos_token_ids)
+        started = time.perf_counter()
+        compiler.constraint(Grammar.json_schema({"type": "integer"}))
+        view = time.perf_counter() - started
+        started = time.perf_counter()
+        compiler.constraint(grammar)
+        print(
+            f"grammar: tokenizer view {view * 1e3:.0f} ms once per process, 10-field schema compiled in "
+            f"{(time.perf_counter() - started) * 1e3:.1f} ms"
+        )
+        decoders["MAVIS json"] = decoders.get("MAVIS") or MavisDecoder(base, heads_for(base, args.heads))
     print(
         f"base {base.model_id} on {base.device} ({base.dtype}), {args.heads} value models each of "
         f"{', '.join(args.value_models)}, top_k {args.top_k}, {args.tokens} tokens/row, "
@@ -161,16 +205,19 @@ def main() -> None:
     for batch in args.batch:
         prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
         run_plain(base, prompts, 4, args.top_k)  # warm-up
-        for decoder in decoders.values():
-            run_mavis(decoder, prompts, 4, args.top_k)
+        for name, decoder in decoders.items():
+            run_mavis(decoder, prompts, 4, args.top_k, grammar if name == "MAVIS json" else None)
         runs: dict[str, list[float]] = {"plain": [], **{name: [] for name in decoders}}
         for _ in range(args.repeats):  # alternate, so machine noise hits every variant alike
             runs["plain"].append(run_plain(base, prompts, args.tokens, args.top_k))
             for name, decoder in decoders.items():
-                runs[name].append(run_mavis(decoder, prompts, args.tokens, args.top_k))
+                rule = grammar if name == "MAVIS json" else None
+                runs[name].append(run_mavis(decoder, prompts, args.tokens, args.top_k, rule))
         results[batch] = r = {name: statistics.median(values) for name, values in runs.items()}
         shown = "   ".join(f"{n} {r[n]:8.1f} tok/s ({n}/plain {r[n] / r['plain']:.3f})" for n in decoders)
         print(f"batch {batch:>3}: plain generate {r['plain']:8.1f} tok/s   {shown}")
+        if "MAVIS json" in r and "MAVIS" in r:
+            print(f"batch {batch:>3}: constrained / unconstrained MAVIS {r['MAVIS json'] / r['MAVIS']:.3f}")
     if len(args.batch) > 1:
         lo, hi = min(args.batch), max(args.batch)
         for variant in ("plain", *decoders):
