@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError, ModelLoadError
-from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel, prompt_mean
+from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel, frozen, prompt_mean
 
 SEPARATE_BACKBONE = "separate_backbone"
 VALUE_MODES = ("q_head", "scalar")
@@ -312,13 +312,9 @@ def load_separate_backbone(
     Raises:
         ModelLoadError: the tensors do not match the architecture in ``config``.
     """
-    model = SeparateBackboneValueModel(config, _embedding_matrix(base))
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"value model for {config.objective!r} has unexpected tensors: {exc}") from exc
-    model.requires_grad_(False)
-    return model.to(device=base.device, dtype=torch.float32).eval()
+    return cast(
+        SeparateBackboneValueModel, frozen(SeparateBackboneValueModel(config, _embedding_matrix(base)), tensors, base)
+    )
 
 
 def _embedding_matrix(base: BaseModel) -> torch.Tensor:

@@ -23,16 +23,16 @@ mask, so the base model is never run again. Trainable parameters are float32 on 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers import AutoModel
 
 from mavis_lc.base_model import BaseModel
-from mavis_lc.errors import ConfigurationError, IncompatibleHeadError, ModelLoadError
+from mavis_lc.errors import ConfigurationError, IncompatibleHeadError
 from mavis_lc.separate_backbone import KVBatch, _config_from_dict, layer_stack_config
-from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel
+from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel, frozen
 
 SIDE_BRANCH = "side_branch"
 
@@ -163,10 +163,4 @@ def load_side_branch(
             f"side-branch head for {config.objective!r} was trained on a base of {config.options.get('base_layers')} "
             f"layers; base {base.model_id!r} has {total}"
         )
-    model = SideBranchValueModel(config, base.token_embeddings)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"value model for {config.objective!r} has unexpected tensors: {exc}") from exc
-    model.requires_grad_(False)
-    return model.to(device=base.device, dtype=torch.float32).eval()
+    return cast(SideBranchValueModel, frozen(SideBranchValueModel(config, base.token_embeddings), tensors, base))

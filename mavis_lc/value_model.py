@@ -264,13 +264,21 @@ def load_value_model(source: str | Path | bytes, base: BaseModel) -> ValueModel:
             f"value head for {config.objective!r} has architecture {config.architecture!r}; "
             f"allowed: {SHARED_Q_HEAD}, {SIDE_BRANCH}, {SEPARATE_BACKBONE}"
         )
-    head = SharedBackboneQHead(config, base.token_embeddings)
+    return frozen(SharedBackboneQHead(config, base.token_embeddings), tensors, base)
+
+
+def frozen(model: ValueModel, tensors: dict[str, torch.Tensor], base: BaseModel) -> ValueModel:
+    """``model`` with ``tensors`` loaded, frozen, in eval mode on ``base``'s device, in float32.
+
+    Raises:
+        ModelLoadError: the tensors do not match the model's architecture.
+    """
     try:
-        head.load_state_dict(tensors)
+        model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise ModelLoadError(f"value head for {config.objective!r} has unexpected tensors: {exc}") from exc
-    head.requires_grad_(False)
-    return head.to(base.device).eval()
+        raise ModelLoadError(f"value model for {model.objective!r} has unexpected tensors: {exc}") from exc
+    model.requires_grad_(False)
+    return model.to(device=base.device, dtype=torch.float32).eval()
 
 
 def _describe(source: str | Path | bytes) -> str:

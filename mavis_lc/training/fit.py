@@ -278,17 +278,7 @@ def fit_separate_backbone(
         q = model.sequence_q(ids.to(device), mask.to(device))  # (B, width-1)
         return token_index[supervised], q[supervised.to(device)].float()
 
-    def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
-        yield from train_paths[torch.randperm(train_paths.numel(), generator=generator)].split(
-            config.sequence_batch_size
-        )
-
-    def evaluate(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            outs = [forward(b) for b in idx.split(config.sequence_batch_size)]
-        if not outs:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]).cpu()
+    batches, evaluate = _sequence_batches(train_paths, forward, config.sequence_batch_size)
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         index, prediction = forward(batch)
@@ -423,17 +413,7 @@ def fit_side_branch(
         q = model.q_head.q_values(states, tokens[token_index, None].to(device), prompt).squeeze(1)  # (n,)
         return token_index, q
 
-    def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
-        yield from train_trees[torch.randperm(train_trees.numel(), generator=generator)].split(
-            config.sequence_batch_size
-        )
-
-    def evaluate(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            outs = [forward(b) for b in idx.split(config.sequence_batch_size)]
-        if not outs:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]).float().cpu()
+    batches, evaluate = _sequence_batches(train_trees, forward, config.sequence_batch_size)
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         index, q = forward(batch)
@@ -453,6 +433,28 @@ def fit_side_branch(
         model, batches, loss_of, train_trees, val_trees, evaluate, states, config, progress, should_cancel,
         measure_start=True,
     )  # fmt: skip
+
+
+def _sequence_batches(
+    train: torch.Tensor, forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], size: int
+) -> tuple[
+    Callable[[torch.Generator], Iterator[torch.Tensor]], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+]:
+    """`_train`'s ``batches`` and ``evaluate`` for fits whose examples are sequences (trees, paths):
+    shuffled minibatches of ``size`` of ``train``, and predictions of any examples in such batches,
+    ``forward(batch)`` giving the rollout token indices and predictions of a batch."""
+
+    def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
+        yield from train[torch.randperm(train.numel(), generator=generator)].split(size)
+
+    def evaluate(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            outs = [forward(b) for b in idx.split(size)]
+        if not outs:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]).float().cpu()
+
+    return batches, evaluate
 
 
 def _train(

@@ -12,13 +12,13 @@ import torch
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
-from mavis_lc.errors import ConfigurationError, IncompatibleHeadError
+from mavis_lc.errors import ConfigurationError, IncompatibleHeadError, ModelLoadError
 from mavis_lc.separate_backbone import LayerTap
-from mavis_lc.side_branch import SideBranchValueModel, new_side_branch
+from mavis_lc.side_branch import SideBranchValueModel, load_side_branch, new_side_branch
 from mavis_lc.training import TrainingConfig, sample_trees
 from mavis_lc.training.fit import _pack_trees, fit_side_branch
 from mavis_lc.training.rollouts import TreeRollouts, merge_rollouts
-from mavis_lc.value_model import SharedBackboneQHead, load_value_model, new_shared_head
+from mavis_lc.value_model import SharedBackboneQHead, load_value_model, new_shared_head, read_head_config
 from tests.tiny import build_tiny_model
 
 TREES = TrainingConfig(
@@ -198,6 +198,10 @@ def test_artifacts_round_trip_and_refuse_another_layer_count(base: BaseModel, tm
     assert isinstance(loaded, SideBranchValueModel) and loaded.config.options["prompt_query"] is True
     for name, value in side.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value)
+    config, tensors = read_head_config(side.to_bytes())
+    tensors.pop("branch.norm.weight")
+    with pytest.raises(ModelLoadError, match="value model for 'obj' has unexpected tensors"):
+        load_side_branch(config, tensors, base)
     deeper = load_base_model(str(build_tiny_model(tmp_path / "deeper", layers=3)), device="cpu", dtype="float32")
     with pytest.raises(IncompatibleHeadError, match="2 layers"):
         load_value_model(side.to_bytes(), deeper)
