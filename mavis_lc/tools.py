@@ -12,11 +12,11 @@ otherwise as a system-turn block (`tool_system_block`) placed before the convers
 system message, with earlier AI tool calls rendered as such blocks and tool results as
 ``<tool_response>`` user turns, so nothing of the history is dropped.
 
-`tool_grammar` is what enforces ``tool_choice``: ``"any"`` / ``"required"`` / ``True`` (one or
-more calls of any tool), a tool's name or an OpenAI-style ``{"type": "function", "function":
-{"name": ...}}`` (calls of that tool), ``"auto"`` (either a text answer, which may not start
-with ``<``, or calls; once the output starts a call, the call is enforced) and ``"none"`` (no
-tools shown, text only). Arguments follow each tool's JSON schema.
+`tool_grammar` is what enforces ``tool_choice``: ``"any"`` / ``"required"`` / ``True`` (a call
+of any tool; several with ``parallel_tool_calls``), a tool's name or an OpenAI-style ``{"type":
+"function", "function": {"name": ...}}`` (calls of that tool), ``"auto"`` (either a text answer,
+which may not start with ``<`` or a blank, or calls; once the output starts a call, the call is
+enforced) and ``"none"`` (no tools shown, text only). Arguments follow each tool's JSON schema.
 """
 
 from __future__ import annotations

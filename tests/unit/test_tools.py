@@ -233,3 +233,23 @@ def test_token_counts_and_profile_come_from_the_base(chat: ChatMavis, tiny_model
     assert profile is not None and profile["max_input_tokens"] == 1024  # the tiny model's config
     assert profile["tool_calling"] and profile["structured_output"] and not profile["image_inputs"]
     assert ChatMavis().profile["max_input_tokens"] == 8192  # packaged SmolLM2, nothing loaded
+
+
+def test_a_template_that_takes_tools_renders_them_itself(chat: ChatMavis) -> None:
+    engine = chat.engine()
+    tokenizer = engine.base.tokenizer
+    original = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% if tools %}TOOLS:{% for t in tools %}{{ t['function']['name'] }};{% endfor %}\n{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% if m.get('tool_calls') %} CALLS:{{ m['tool_calls'][0]['function']['name'] }}{% endif %}\n{% endfor %}"
+    )
+    try:
+        call = {"name": "get_weather", "args": {"city": "Oslo", "days": 2}, "id": "c1", "type": "tool_call"}
+        history = [HumanMessage("Weather?"), AIMessage("", tool_calls=[call]), ToolMessage("rain", tool_call_id="c1")]
+        prompt = chat._format(engine, history, format_tools([get_weather]))
+    finally:
+        tokenizer.chat_template = original
+    assert prompt.startswith("TOOLS:get_weather;")
+    assert "assistant:  CALLS:get_weather" in prompt and "tool: rain" in prompt
+    assert "<tool_call>" not in prompt and "You can call functions" not in prompt
