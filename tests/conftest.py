@@ -15,13 +15,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def _test_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder for the session whose ``base`` (converted base models) is the user's, so the
+    packaged model converts once per machine, while rollouts the tests cache stay in the session."""
+    shared = get_settings().resolved_cache_dir() / "base"
+    shared.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("mavis-cache")
+    (cache / "base").symlink_to(shared, target_is_directory=True)
+    return cache
+
+
 @pytest.fixture(autouse=True)
-def mavis_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def mavis_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _test_cache: Path) -> Iterator[Path]:
     """Every test gets its own MAVIS_HOME (registry, artifacts); the base-model cache stays shared."""
-    shared_cache = get_settings().resolved_cache_dir()
     home = tmp_path / "mavis-home"
     monkeypatch.setenv("MAVIS_HOME", str(home))
-    monkeypatch.setenv("MAVIS_CACHE_DIR", str(shared_cache))
+    monkeypatch.setenv("MAVIS_CACHE_DIR", str(_test_cache))
     get_settings.cache_clear()
     yield home
     get_settings.cache_clear()
