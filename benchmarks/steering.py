@@ -92,7 +92,7 @@ def main() -> None:
         heads = [str(results[o].iterations[iteration].artifact_path) for o in args.objectives]
         chat = ChatMavis(heads=heads, beta=args.beta, max_tokens=max_tokens, min_tokens=1, top_k=config.top_k)
         inputs = [p for _ in settings for p, _ in rows]
-        configs: Any = [{"configurable": {"weights": w, "seed": s}} for w in settings for _, s in rows]
+        configs: Any = [{"configurable": {"mavis": {"weights": w, "seed": s}}} for w in settings for _, s in rows]
         start = time.perf_counter()
         messages = chat.batch(inputs, configs)
         seconds = time.perf_counter() - start

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder, StreamStep
 from mavis_lc.errors import ModelLoadError
 from mavis_lc.grammar import Grammar
+from mavis_lc.settings import get_settings
 from mavis_lc.value_model import load_value_model
 from mavis_lc.weights import Weights
 
@@ -37,26 +40,47 @@ class HeadSource:
 
 
 def resolve_head(spec: str, database_url: str | None = None) -> HeadSource:
-    """Turn a head spec into a verified local file.
+    """Turn a head spec into a verified local file (see `resolve_heads`)."""
+    return resolve_heads([spec], database_url)[0]
+
+
+def is_head_file(spec: str) -> bool:
+    """Whether ``spec`` names a head file rather than a registry spec."""
+    path = Path(spec).expanduser()
+    return path.suffix == ".safetensors" or path.is_file()
+
+
+def resolve_heads(specs: Sequence[str], database_url: str | None = None, registry: Any = None) -> list[HeadSource]:
+    """Turn head specs into verified local files.
 
     A spec naming an existing ``.safetensors`` file is read directly; anything else is a
     registry spec (``objective``, ``objective@3``, ``objective@alias``) resolved and verified
-    (sha256) through the registry.
+    (sha256) through one registry (``registry``, or one opened here and closed before returning).
     """
-    path = Path(spec).expanduser()
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise ModelLoadError(f"value head file {spec!r} does not exist")
-        from mavis_lc.value_model import read_head_config
+    sources: list[HeadSource] = []
+    opened = None
+    try:
+        for spec in specs:
+            path = Path(spec).expanduser()
+            if is_head_file(spec):
+                if not path.is_file():
+                    raise ModelLoadError(f"value head file {spec!r} does not exist")
+                from mavis_lc.value_model import read_head_config
 
-        config, _ = read_head_config(path)
-        return HeadSource(spec, config.objective, _sha256(path), path)
-    from mavis_lc.registry import Registry
+                config, _ = read_head_config(path)
+                sources.append(HeadSource(spec, config.objective, _sha256(path), path))
+                continue
+            if registry is None:
+                from mavis_lc.registry import Registry
 
-    registry = Registry(database_url)
-    info = registry.resolve(spec)
-    local = registry.fetch_artifact(info)
-    return HeadSource(spec, info.objective, info.sha256, Path(local), info.version)
+                registry = opened = Registry(database_url)
+            info = registry.resolve(spec)
+            local = registry.fetch_artifact(info)
+            sources.append(HeadSource(spec, info.objective, info.sha256, Path(local), info.version))
+    finally:
+        if opened is not None:
+            opened.close()
+    return sources
 
 
 class MavisEngine:
@@ -105,7 +129,7 @@ class MavisEngine:
             yield from self.decoder.stream(prompts, weights, config, seeds=seeds, grammars=grammars)
 
 
-_ENGINES: dict[tuple[object, ...], MavisEngine] = {}
+_ENGINES: OrderedDict[tuple[object, ...], MavisEngine] = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -117,14 +141,28 @@ def get_engine(
     dtype: str | None = None,
     database_url: str | None = None,
 ) -> MavisEngine:
-    """The shared engine for this base model and these heads, loading them on first use."""
+    """The shared engine for this base model and these heads, loading them on first use.
+
+    Registry specs are resolved on every call; callers that decode repeatedly resolve once
+    (`resolve_heads`) and use `engine_for`."""
+    return engine_for(base_model, resolve_heads(heads, database_url), device=device, dtype=dtype)
+
+
+def engine_for(
+    base_model: str | None, sources: Sequence[HeadSource], *, device: str | None = None, dtype: str | None = None
+) -> MavisEngine:
+    """The shared engine for this base model and these resolved heads (keyed by the heads'
+    sha256s), loading it on first use. At most ``MAVIS_ENGINE_CACHE_SIZE`` engines are kept,
+    the least recently used dropped first (an object holding one keeps it alive)."""
     base = load_base_model(base_model, device=device, dtype=dtype)
-    sources = [resolve_head(spec, database_url) for spec in heads]
     key = (base.model_id, str(base.device), str(base.dtype), tuple(sorted(s.sha256 for s in sources)))
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
             engine = _ENGINES[key] = MavisEngine(base, sources)
+        _ENGINES.move_to_end(key)
+        while len(_ENGINES) > get_settings().engine_cache_size:
+            _ENGINES.popitem(last=False)
         return engine
 
 

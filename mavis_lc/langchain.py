@@ -13,13 +13,16 @@ as given (see `mavis_lc.weights`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -47,11 +50,11 @@ from langchain_core.runnables.config import ensure_config, get_config_list
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from mavis_lc import decoding
 from mavis_lc.base_model import PACKAGED_CONTEXT
-from mavis_lc.engine import MavisEngine, get_engine
+from mavis_lc.engine import MavisEngine, engine_for, is_head_file, resolve_heads
 from mavis_lc.errors import ConfigurationError, DecodingParameterError
 from mavis_lc.grammar import Grammar
 from mavis_lc.settings import PACKAGED_BASE_MODEL, get_settings
@@ -71,6 +74,35 @@ CALL_PARAMS = (
 """Parameters a single call may override (as keyword arguments of invoke, batch, stream...)."""
 ROW_PARAMS = ("weights", "seed")
 """Call parameters that ``batch`` accepts per input: a list aligned with the inputs."""
+
+
+_RESOLVING_FIELDS = frozenset({"base_model", "heads", "preset", "database_url", "device", "dtype"})
+
+
+@dataclass
+class _Slot:
+    """A mutable holder, so that an object and its copies share one resolution."""
+
+    value: _Resolution | None = None
+
+
+@dataclass
+class _Resolution:
+    """An object's resolved heads (as its engine) and presets, and when they were resolved."""
+
+    engine: MavisEngine
+    presets: dict[str, tuple[dict[str, float], list[str]]]
+    at: float
+
+
+def _read_preset(registry: Any, name: str) -> tuple[dict[str, float], list[str]]:
+    """A preset's weights and a head spec per objective (its pinned one, else the latest)."""
+    from mavis_lc.registry import parse_spec
+
+    preset = registry.get_preset(name)
+    pinned = {parse_spec(spec).objective: spec for spec in preset.pinned_specs}
+    objectives = sorted(set(preset.weights) | set(pinned))
+    return dict(preset.weights), [pinned.get(objective, objective) for objective in objectives]
 
 
 class _MavisParams(BaseModel):
@@ -98,9 +130,10 @@ class _MavisParams(BaseModel):
     """Fewest new tokens per response (EOS is banned before)."""
     do_sample: bool = True
     """Sample (True) or take the most likely tilted token (False)."""
-    seed: int | None = 0
-    """Seed of each row's sampler: the same prompt, weights and seed give the same text. None: random.
-    In ``batch`` a list of seeds aligned with the inputs gives each row its own (n samples of a prompt)."""
+    seed: int | None = None
+    """Seed of each row's sampler. None (default): fresh samples on every call. An int: the same
+    prompt, weights and seed give the same text, alone or in any batch. In ``batch`` a list of
+    seeds aligned with the inputs gives each row its own (n samples of a prompt)."""
     stop: list[str] | None = None
     """Default stop strings; the output is cut just before the first one."""
     grammar: Grammar | dict[str, Any] | None = None
@@ -112,6 +145,11 @@ class _MavisParams(BaseModel):
     """``auto``, ``float32``, ``bfloat16``, ``float16``; default ``MAVIS_DTYPE``."""
     database_url: str | None = None
     """Registry database for specs and presets; default ``MAVIS_DATABASE_URL``."""
+    resolve_ttl: float | None = None
+    """Seconds after which registry specs and the preset are resolved again; None: only on `refresh`."""
+
+    _resolved: _Slot = PrivateAttr(default_factory=lambda: _Slot())
+    """This object's resolution, shared with the copies LangChain makes of it (`model_copy`)."""
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return super().invoke(input, config, **_from_config(config, kwargs))  # type: ignore[misc]
@@ -131,34 +169,86 @@ class _MavisParams(BaseModel):
         return list(self.engine().base.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _identity(self) -> dict[str, Any]:
-        """Every field that changes the output: the LLM cache key is built from these."""
+        """Every field that changes the output (as given, unresolved)."""
         return {name: getattr(self, name) for name in ("base_model", "heads", "stop", *CALL_PARAMS)}
 
+    def _resolved_identity(self) -> dict[str, Any]:
+        """What a decode actually uses: each head's objective, version and sha256, the base
+        model's identity and the default weights (a preset's, resolved). The LLM cache key holds
+        these, so an alias move, a preset change or another base is never served from the cache."""
+        engine = self.engine()
+        return {
+            "resolved_heads": [(s.objective, s.version, s.sha256) for s in engine.sources],
+            "resolved_base": [engine.base.model_id, engine.base.fingerprint, str(engine.base.dtype)],
+            "default_weights": sorted(self._default_weights(engine, self.preset).items()),
+        }
+
     def _preset(self, name: str) -> tuple[dict[str, float], list[str]]:
-        """A registry preset's weights, and a head spec per objective (its pinned one, else the latest)."""
-        from mavis_lc.registry import Registry, parse_spec
+        """A registry preset's weights, and a head spec per objective (its pinned one, else the
+        latest), as resolved with this object's engine (a preset first named in a call is read
+        once, then kept with the resolution)."""
+        resolution = self._resolution()
+        if name not in resolution.presets:
+            from mavis_lc.registry import Registry
 
-        preset = Registry(self.database_url).get_preset(name)
-        pinned = {parse_spec(spec).objective: spec for spec in preset.pinned_specs}
-        objectives = sorted(set(preset.weights) | set(pinned))
-        return dict(preset.weights), [pinned.get(objective, objective) for objective in objectives]
-
-    def _head_specs(self) -> list[str]:
-        if self.heads:
-            return list(self.heads)
-        if self.preset:
-            return self._preset(self.preset)[1]
-        return sorted(self.weights)
+            registry = Registry(self.database_url)
+            try:
+                resolution.presets[name] = _read_preset(registry, name)
+            finally:
+                registry.close()
+        return resolution.presets[name]
 
     def engine(self) -> MavisEngine:
-        """The shared engine for this object's base model and heads (loaded on first use)."""
-        return get_engine(
-            self.base_model,
-            self._head_specs(),
-            device=self.device,
-            dtype=self.dtype,
-            database_url=self.database_url,
-        )
+        """The shared engine for this object's base model and heads, resolved and loaded on first
+        use: registry specs and the preset are read then (one registry connection, closed after),
+        and again only after `refresh` or once ``resolve_ttl`` seconds have passed. A decode
+        makes no database query."""
+        return self._resolution().engine
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """As pydantic's, sharing this object's resolution (never deep-copying its engine) unless
+        the update changes what resolves: the base, the heads, the preset, the registry, the
+        device or dtype, or the weights of an object whose heads are named by its weights."""
+        copy = super().model_copy(update=update, deep=deep)
+        changes = {k for k, v in (update or {}).items() if v != getattr(self, k, None)}
+        names_heads = not copy.heads and not copy.preset
+        reset = bool(changes & _RESOLVING_FIELDS) or ("weights" in changes and names_heads)
+        copy._resolved = _Slot() if reset else self._resolved
+        return copy
+
+    def refresh(self) -> Self:
+        """Forget the resolved heads and preset: the next call resolves them again (say, after an
+        alias moved). Returns this object."""
+        self._resolved.value = None
+        return self
+
+    def _resolution(self) -> _Resolution:
+        current = self._resolved.value
+        ttl = self.resolve_ttl
+        if current is not None and (ttl is None or time.monotonic() - current.at < ttl):
+            return current
+        from mavis_lc.registry import Registry
+
+        registry = None
+        needs_registry = bool(self.preset) or any(not is_head_file(spec) for spec in self.heads or self.weights)
+        if needs_registry:
+            registry = Registry(self.database_url)
+        try:
+            presets: dict[str, tuple[dict[str, float], list[str]]] = {}
+            if self.heads:
+                specs = list(self.heads)
+            elif self.preset:
+                presets[self.preset] = _read_preset(registry, self.preset)
+                specs = presets[self.preset][1]
+            else:
+                specs = sorted(self.weights)
+            sources = resolve_heads(specs, self.database_url, registry=registry)
+        finally:
+            if registry is not None:
+                registry.close()
+        engine = engine_for(self.base_model, sources, device=self.device, dtype=self.dtype)
+        resolution = self._resolved.value = _Resolution(engine=engine, presets=presets, at=time.monotonic())
+        return resolution
 
     def _default_weights(self, engine: MavisEngine, preset: str | None) -> dict[str, float]:
         if self.weights:
@@ -232,6 +322,8 @@ class _MavisParams(BaseModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        if self._cache_active(getattr(self, "cache", None)):  # the cache key: resolve (and load) before the lookup
+            return {**self._identity(), **self._resolved_identity()}
         return self._identity()
 
     def _model_name(self) -> str:
@@ -821,6 +913,7 @@ class ChatMavis(_MavisParams, BaseChatModel):
         return outputs
 
 
+@functools.lru_cache(maxsize=64)
 def _context_length(model: str) -> int | None:
     """The context of a base model from its config.json without loading it (None if unknown)."""
     if model == PACKAGED_BASE_MODEL:

@@ -189,7 +189,9 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
         f"{len(SETTINGS)} weight settings) in one batch through a LangChain chain..."
     )
     # One batched decode for every (prompt, seed, weights) row; the messages carry each row's KL.
-    configs: list[Any] = [{"configurable": {"weights": w, "seed": s}} for w, s in zip(rows, row_seeds, strict=True)]
+    configs: list[Any] = [
+        {"configurable": {"mavis": {"weights": w, "seed": s}}} for w, s in zip(rows, row_seeds, strict=True)
+    ]
     messages = chain.batch(inputs, configs)
     responses = [str(m.content) for m in messages]
     kls = [float(m.response_metadata["kl"]) for m in messages]

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
     trust_remote_code: bool = False
     """Allow model code from a model directory to run. Off unless you trust the directory."""
+    engine_cache_size: int = Field(default=4, ge=1)
+    """Loaded engines (base model + head set) kept per process, least recently used dropped first."""
 
     def resolved_database_url(self) -> str:
         if self.database_url is not None:

@@ -31,12 +31,12 @@ def head_paths(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture
 def llm(tiny_model_dir: Path, head_paths: list[str]) -> MavisLLM:
-    return MavisLLM(base_model=str(tiny_model_dir), heads=head_paths, max_tokens=12, top_k=20, beta=3.0)
+    return MavisLLM(base_model=str(tiny_model_dir), heads=head_paths, max_tokens=12, top_k=20, beta=3.0, seed=0)
 
 
 @pytest.fixture
 def chat(tiny_model_dir: Path, head_paths: list[str]) -> ChatMavis:
-    return ChatMavis(base_model=str(tiny_model_dir), heads=head_paths, max_tokens=12, top_k=20, beta=3.0)
+    return ChatMavis(base_model=str(tiny_model_dir), heads=head_paths, max_tokens=12, top_k=20, beta=3.0, seed=0)
 
 
 @pytest.fixture(autouse=True)
@@ -108,9 +108,9 @@ def test_batch_takes_per_row_weights_in_one_decode(llm: MavisLLM, monkeypatch: p
 
 
 def test_configurable_fields_reuse_the_loaded_engine(llm: MavisLLM) -> None:
-    configurable = llm.configurable_fields(beta=ConfigurableField(id="beta"), weights=ConfigurableField(id="w"))
+    configurable = llm.configurable_fields(beta=ConfigurableField(id="strength"), weights=ConfigurableField(id="w"))
     steered = configurable.invoke(PROMPTS[0], config={"configurable": {"w": {"positivity": 1.0}}})
-    unsteered = configurable.invoke(PROMPTS[0], config={"configurable": {"beta": 0.0}})
+    unsteered = configurable.invoke(PROMPTS[0], config={"configurable": {"strength": 0.0}})
     assert steered == llm.invoke(PROMPTS[0], weights={"positivity": 1.0})
     assert unsteered == llm.invoke(PROMPTS[0], beta=0.0)
     assert llm.engine() is llm.model_copy(update={"beta": 2.0}).engine()
@@ -267,7 +267,9 @@ async def test_chains_pass_weights_per_input_through_configurable(
     chain = prompt | model | StrOutputParser()
     rows = [{"positivity": 1.0}, {"conciseness": 1.0}, {"positivity": 0.2, "conciseness": 0.8}]
     inputs = [{"topic": t} for t in PROMPTS[:3]]
-    expected = [chain.invoke(x, config={"configurable": {"weights": w}}) for x, w in zip(inputs, rows, strict=True)]
+    expected = [
+        chain.invoke(x, config={"configurable": {"mavis": {"weights": w}}}) for x, w in zip(inputs, rows, strict=True)
+    ]
     direct = [(prompt | model.bind(weights=w) | StrOutputParser()).invoke(x) for x, w in zip(inputs, rows, strict=True)]
     assert expected == direct
     assert len(set(expected)) == 3
@@ -276,14 +278,16 @@ async def test_chains_pass_weights_per_input_through_configurable(
     monkeypatch.setattr(
         MavisEngine, "generate", lambda self, p, *a, **k: calls.append(len(p)) or original(self, p, *a, **k)
     )
-    configs: Any = [{"configurable": {"weights": w}} for w in rows]
+    configs: Any = [{"configurable": {"mavis": {"weights": w}}} for w in rows]
     assert chain.batch(inputs, configs) == expected
     assert await chain.abatch(inputs, configs) == expected
     assert calls == [3, 3]
-    streamed = "".join(chain.stream(inputs[1], config={"configurable": {"weights": rows[1]}}))
+    streamed = "".join(chain.stream(inputs[1], config={"configurable": {"mavis": {"weights": rows[1]}}}))
     assert streamed == expected[1]
     with pytest.raises(ConfigurationError, match="only weights and seed may differ"):
-        chain.batch(inputs[:2], [{"configurable": {"beta": 1.0}}, {"configurable": {"beta": 2.0}}])
+        chain.batch(
+            inputs[:2], [{"configurable": {"mavis": {"beta": 1.0}}}, {"configurable": {"mavis": {"beta": 2.0}}}]
+        )
 
 
 @pytest.mark.parametrize("mode", ["llm", "chat"])
@@ -305,7 +309,7 @@ def test_batch_takes_per_row_seeds_for_n_samples_of_a_prompt(
     )
     batch = model.batch([PROMPTS[0]] * 4, seed=seeds, weights={"positivity": 1.0})
     assert [text(x) for x in batch] == alone
-    configs: Any = [{"configurable": {"seed": s, "weights": {"positivity": 1.0}}} for s in seeds]
+    configs: Any = [{"configurable": {"mavis": {"seed": s, "weights": {"positivity": 1.0}}}} for s in seeds]
     assert [text(x) for x in model.batch([PROMPTS[0]] * 4, configs)] == alone
     assert calls == [4, 4]
     with pytest.raises(ConfigurationError, match="3 seed"):

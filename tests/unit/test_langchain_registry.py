@@ -45,7 +45,7 @@ def test_specs_aliases_and_presets_resolve_to_registered_heads(base: BaseModel, 
     v2 = register(registry, base, "positivity", 2)
     register(registry, base, "conciseness", 3)
     registry.set_alias("positivity", "production", 1)
-    llm = MavisLLM(base_model=str(tiny_model_dir), max_tokens=10, beta=3.0)
+    llm = MavisLLM(base_model=str(tiny_model_dir), max_tokens=10, beta=3.0, seed=0)
 
     production = llm.model_copy(update={"heads": ["positivity@production"]})
     latest = llm.model_copy(update={"heads": ["positivity"]})
@@ -60,7 +60,7 @@ def test_specs_aliases_and_presets_resolve_to_registered_heads(base: BaseModel, 
     assert info["weights"] == {"positivity": 0.5, "conciseness": 0.5}
     assert {(h["objective"], h["version"]) for h in info["heads"]} == {("positivity", 1), ("conciseness", 1)}
     explicit = MavisLLM(
-        base_model=str(tiny_model_dir), max_tokens=10, beta=3.0, heads=["positivity@1", "conciseness@1"]
+        base_model=str(tiny_model_dir), max_tokens=10, beta=3.0, seed=0, heads=["positivity@1", "conciseness@1"]
     )
     assert preset.invoke("Hello") == explicit.invoke("Hello", weights={"positivity": 0.5, "conciseness": 0.5})
 
@@ -93,3 +93,62 @@ def test_head_for_another_tokenizer_is_refused(base: BaseModel, tiny_model_dir: 
     path = head.save(tmp_path / "foreign.safetensors")
     with pytest.raises(IncompatibleHeadError, match="tokenizer 000000000000"):
         MavisLLM(base_model=str(tiny_model_dir), heads=[str(path)]).invoke("Hello")
+
+
+def test_resolution_is_once_per_object_and_never_stale(
+    base: BaseModel, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from langchain_core.caches import InMemoryCache
+    from sqlalchemy import event
+
+    from mavis_lc.registry import db
+
+    registry = Registry()
+    register(registry, base, "positivity", 1)
+    register(registry, base, "positivity", 2)
+    registry.set_alias("positivity", "prod", 1)
+    queries: list[str] = []
+    created = db.create_registry_engine
+
+    def counting(url: str) -> object:
+        engine = created(url)
+        event.listen(engine, "before_cursor_execute", lambda *a: queries.append(str(a[2])))
+        return engine
+
+    monkeypatch.setattr(db, "create_registry_engine", counting)
+    monkeypatch.setattr("mavis_lc.registry.api.create_registry_engine", counting)
+    cache = InMemoryCache()
+    first = MavisLLM(base_model=str(tiny_model_dir), heads=["positivity@prod"], max_tokens=6, beta=3.0, cache=cache)
+    before = first.generate(["Hello"], seed=1).generations[0][0]
+    resolved = len(queries)
+    assert resolved > 0
+    for _ in range(3):  # later calls of the same object query nothing, cached or not
+        first.generate(["Hello"], seed=1)
+        first.generate(["Hello again"], seed=2)
+    assert queries[resolved:] == []
+    registry.set_alias("positivity", "prod", 2)
+    second = MavisLLM(base_model=str(tiny_model_dir), heads=["positivity@prod"], max_tokens=6, beta=3.0, cache=cache)
+    after = second.generate(["Hello"], seed=1).generations[0][0]
+    assert [h["version"] for h in (before.generation_info or {})["heads"]] == [1]
+    assert [h["version"] for h in (after.generation_info or {})["heads"]] == [2]  # not the cached version-1 answer
+    assert first.generate(["Hello"], seed=1).generations[0][0].generation_info["heads"][0]["version"] == 1  # type: ignore[index]
+    assert first.refresh().generate(["Hello"], seed=1).generations[0][0].generation_info["heads"][0]["version"] == 2  # type: ignore[index]
+
+    # A preset changed between two objects' calls: the second decodes (and caches) with the new weights.
+    register(registry, base, "conciseness", 3)
+    registry.create_preset("mix", {"positivity": 1.0, "conciseness": 0.0}, pinned_specs=["positivity@prod"])
+    one = MavisLLM(base_model=str(tiny_model_dir), preset="mix", max_tokens=6, beta=3.0, cache=cache)
+    info_one = one.generate(["Hello"], seed=1).generations[0][0].generation_info or {}
+    registry.create_preset(
+        "mix", {"positivity": 0.0, "conciseness": 1.0}, pinned_specs=["positivity@prod"], replace=True
+    )
+    two = MavisLLM(base_model=str(tiny_model_dir), preset="mix", max_tokens=6, beta=3.0, cache=cache)
+    info_two = two.generate(["Hello"], seed=1).generations[0][0].generation_info or {}
+    assert info_one["weights"] == {"positivity": 1.0, "conciseness": 0.0}
+    assert info_two["weights"] == {"positivity": 0.0, "conciseness": 1.0}
+
+
+def test_seed_none_gives_fresh_samples_and_a_fixed_seed_repeats(base: BaseModel, tiny_model_dir: Path) -> None:
+    llm = MavisLLM(base_model=str(tiny_model_dir), max_tokens=12)
+    assert len({llm.invoke("Hello") for _ in range(4)}) > 1
+    assert len({llm.invoke("Hello", seed=7) for _ in range(3)}) == 1

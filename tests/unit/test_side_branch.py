@@ -237,7 +237,7 @@ def test_chat_mavis_steers_with_a_side_branch_beside_a_shared_head(
     side = new_side_branch(base, "obj", n_layers=1, head=random_head(base, seed=7))
     perturb(side, seed=8)
     paths = [str(shared.save(tmp_path / "other.safetensors")), str(side.save(tmp_path / "side.safetensors"))]
-    chat = ChatMavis(base_model=str(tiny_model_dir), heads=paths, max_tokens=8, top_k=8, beta=3.0)
+    chat = ChatMavis(base_model=str(tiny_model_dir), heads=paths, max_tokens=8, top_k=8, beta=3.0, seed=0)
     both = chat.invoke("hello there", weights={"obj": 1.0, "other": 0.5})
     decoder = MavisDecoder(base, [load_value_model(p, base) for p in paths])
     prompt = base.tokenizer.apply_chat_template(

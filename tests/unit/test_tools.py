@@ -57,7 +57,7 @@ class Pet(TypedDict):
 
 @pytest.fixture
 def chat(tiny_model_dir: Path) -> ChatMavis:
-    return ChatMavis(base_model=str(tiny_model_dir), max_tokens=120, top_k=20, beta=0.0)
+    return ChatMavis(base_model=str(tiny_model_dir), max_tokens=120, top_k=20, beta=0.0, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -172,7 +172,7 @@ def test_a_graph_node_gets_the_runs_mavis_parameters_without_passing_its_config(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     heads = save_random_heads(tiny_model_dir, ["positivity"], tmp_path, seed=3)
-    chat = ChatMavis(base_model=str(tiny_model_dir), heads=heads, max_tokens=10, beta=3.0)
+    chat = ChatMavis(base_model=str(tiny_model_dir), heads=heads, max_tokens=10, beta=3.0, seed=0)
     node = RunnableLambda(lambda x: chat.invoke(x).content)  # a node that drops its config
     steered = node.invoke("hello", config={"configurable": {"mavis": {"weights": {"positivity": 1.0}}}})
     plain = node.invoke("hello", config={"configurable": {"mavis": {"weights": {"positivity": 0.0}}}})
