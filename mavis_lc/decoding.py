@@ -180,13 +180,13 @@ def mavis_step(
 class MavisDecoder:
     """Batched MAVIS decoding over one base model and a set of value heads (one per objective)."""
 
-    def __init__(self, base: BaseModel, heads: Sequence[ValueModel] = ()) -> None:
+    def __init__(self, base: BaseModel, heads: Sequence[ValueModel] = (), *, allow_other_base: bool = False) -> None:
         names = [h.objective for h in heads]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise IncompatibleHeadError(f"one head per objective; got several for {', '.join(duplicates)}")
         for head in heads:
-            check_compatible(head.config, base)
+            check_compatible(head.config, base, allow_other_base=allow_other_base)
         self.base = base
         self.heads = list(heads)
         self.objectives = names

@@ -86,9 +86,9 @@ def resolve_heads(specs: Sequence[str], database_url: str | None = None, registr
 class MavisEngine:
     """A `MavisDecoder` plus the lock that makes it safe to share across threads."""
 
-    def __init__(self, base: BaseModel, sources: Sequence[HeadSource]) -> None:
-        heads = [load_value_model(s.path, base) for s in sources]
-        self.decoder = MavisDecoder(base, heads)
+    def __init__(self, base: BaseModel, sources: Sequence[HeadSource], *, allow_other_base: bool = False) -> None:
+        heads = [load_value_model(s.path, base, allow_other_base=allow_other_base) for s in sources]
+        self.decoder = MavisDecoder(base, heads, allow_other_base=allow_other_base)
         self.sources = list(sources)
         self.lock = threading.Lock()
 
@@ -149,17 +149,23 @@ def get_engine(
 
 
 def engine_for(
-    base_model: str | None, sources: Sequence[HeadSource], *, device: str | None = None, dtype: str | None = None
+    base_model: str | None,
+    sources: Sequence[HeadSource],
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_other_base: bool = False,
 ) -> MavisEngine:
     """The shared engine for this base model and these resolved heads (keyed by the heads'
     sha256s), loading it on first use. At most ``MAVIS_ENGINE_CACHE_SIZE`` engines are kept,
     the least recently used dropped first (an object holding one keeps it alive)."""
     base = load_base_model(base_model, device=device, dtype=dtype)
-    key = (base.model_id, str(base.device), str(base.dtype), tuple(sorted(s.sha256 for s in sources)))
+    heads = tuple(sorted(s.sha256 for s in sources))
+    key = (base.model_id, str(base.device), str(base.dtype), heads, allow_other_base)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = MavisEngine(base, sources)
+            engine = _ENGINES[key] = MavisEngine(base, sources, allow_other_base=allow_other_base)
         _ENGINES.move_to_end(key)
         while len(_ENGINES) > get_settings().engine_cache_size:
             _ENGINES.popitem(last=False)

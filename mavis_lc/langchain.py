@@ -76,7 +76,7 @@ ROW_PARAMS = ("weights", "seed")
 """Call parameters that ``batch`` accepts per input: a list aligned with the inputs."""
 
 
-_RESOLVING_FIELDS = frozenset({"base_model", "heads", "preset", "database_url", "device", "dtype"})
+_RESOLVING_FIELDS = frozenset({"base_model", "heads", "preset", "database_url", "device", "dtype", "allow_other_base"})
 
 
 @dataclass
@@ -145,6 +145,9 @@ class _MavisParams(BaseModel):
     """``auto``, ``float32``, ``bfloat16``, ``float16``; default ``MAVIS_DTYPE``."""
     database_url: str | None = None
     """Registry database for specs and presets; default ``MAVIS_DATABASE_URL``."""
+    allow_other_base: bool = False
+    """Load heads trained on other base weights with the same tokenizer (a deliberate transfer);
+    by default such a head is refused with `IncompatibleHeadError`."""
     resolve_ttl: float | None = None
     """Seconds after which registry specs and the preset are resolved again; None: only on `refresh`."""
 
@@ -179,7 +182,12 @@ class _MavisParams(BaseModel):
         engine = self.engine()
         return {
             "resolved_heads": [(s.objective, s.version, s.sha256) for s in engine.sources],
-            "resolved_base": [engine.base.model_id, engine.base.fingerprint, str(engine.base.dtype)],
+            "resolved_base": [
+                engine.base.model_id,
+                engine.base.fingerprint,
+                engine.base.weights_fingerprint,
+                str(engine.base.dtype),
+            ],
             "default_weights": sorted(self._default_weights(engine, self.preset).items()),
         }
 
@@ -246,7 +254,9 @@ class _MavisParams(BaseModel):
         finally:
             if registry is not None:
                 registry.close()
-        engine = engine_for(self.base_model, sources, device=self.device, dtype=self.dtype)
+        engine = engine_for(
+            self.base_model, sources, device=self.device, dtype=self.dtype, allow_other_base=self.allow_other_base
+        )
         resolution = self._resolved.value = _Resolution(engine=engine, presets=presets, at=time.monotonic())
         return resolution
 

@@ -65,6 +65,9 @@ class ValueHeadConfig:
     """Soft policy-improvement iteration that produced the head."""
     options: dict[str, Any] = field(default_factory=dict)
     """Architecture-specific options."""
+    base_weights_fingerprint: str = ""
+    """`BaseModel.weights_fingerprint` of the base the head was trained on ("" in heads written
+    before it was recorded, which are checked by tokenizer only)."""
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -76,6 +79,7 @@ class ValueHeadConfig:
             tokenizer_fingerprint=base.fingerprint,
             hidden_size=base.hidden_size,
             vocab_size=base.vocab_size,
+            base_weights_fingerprint=base.weights_fingerprint,
             **fields,
         )
 
@@ -224,8 +228,9 @@ def read_head_config(source: str | Path | bytes) -> tuple[ValueHeadConfig, dict[
     return config, tensors
 
 
-def check_compatible(config: ValueHeadConfig, base: BaseModel) -> None:
-    """Refuse a head trained against another tokenizer (or vocabulary/hidden size).
+def check_compatible(config: ValueHeadConfig, base: BaseModel, *, allow_other_base: bool = False) -> None:
+    """Refuse a head trained against another tokenizer (or vocabulary/hidden size), or against
+    other base weights (unless ``allow_other_base``: a deliberate transfer to a sibling model).
 
     Raises:
         IncompatibleHeadError: naming both fingerprints or sizes.
@@ -236,6 +241,14 @@ def check_compatible(config: ValueHeadConfig, base: BaseModel) -> None:
             f"{config.tokenizer_fingerprint[:12]} (base {config.base_model_id!r}); the loaded base "
             f"{base.model_id!r} has tokenizer {base.fingerprint[:12]}"
         )
+    recorded = config.base_weights_fingerprint
+    if recorded and not allow_other_base and recorded != base.weights_fingerprint:
+        raise IncompatibleHeadError(
+            f"value head for {config.objective!r} was trained on base weights {recorded[:12]} "
+            f"({config.base_model_id!r}); the loaded base {base.model_id!r} has weights "
+            f"{base.weights_fingerprint[:12]} (same tokenizer, other weights). Retrain the head for "
+            "this base, or pass allow_other_base=True to transfer it deliberately"
+        )
     if (config.hidden_size, config.vocab_size) != (base.hidden_size, base.vocab_size):
         raise IncompatibleHeadError(
             f"value head for {config.objective!r} expects hidden size {config.hidden_size} and vocabulary "
@@ -243,15 +256,16 @@ def check_compatible(config: ValueHeadConfig, base: BaseModel) -> None:
         )
 
 
-def load_value_model(source: str | Path | bytes, base: BaseModel) -> ValueModel:
+def load_value_model(source: str | Path | bytes, base: BaseModel, *, allow_other_base: bool = False) -> ValueModel:
     """Load a value head artifact for use with ``base``.
 
     Raises:
         ModelLoadError: unreadable file, bad format, unknown architecture.
-        IncompatibleHeadError: the head was trained against another tokenizer.
+        IncompatibleHeadError: the head was trained against another tokenizer, or other base
+            weights (unless ``allow_other_base``).
     """
     config, tensors = read_head_config(source)
-    check_compatible(config, base)
+    check_compatible(config, base, allow_other_base=allow_other_base)
     from mavis_lc.separate_backbone import SEPARATE_BACKBONE, load_separate_backbone  # imports this module
     from mavis_lc.side_branch import SIDE_BRANCH, load_side_branch
 

@@ -151,3 +151,26 @@ def test_import_touches_neither_cuda_nor_the_model_hub() -> None:
     code = "import torch, mavis_lc, mavis_lc.langchain, mavis_lc.decoding;print(torch.cuda.is_initialized())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_head_is_refused_on_other_base_weights_with_the_same_tokenizer(tmp_path: Path) -> None:
+    from tests.tiny import build_tiny_model
+
+    one = load_base_model(str(build_tiny_model(tmp_path / "one", seed=0)), device="cpu", dtype="float32")
+    other = load_base_model(str(build_tiny_model(tmp_path / "other", seed=1)), device="cpu", dtype="float32")
+    same_low = load_base_model(str(tmp_path / "one"), device="cpu", dtype="bfloat16")
+    assert one.fingerprint == other.fingerprint  # same tokenizer
+    assert one.weights_fingerprint != other.weights_fingerprint
+    assert one.weights_fingerprint == same_low.weights_fingerprint  # one checkpoint, any dtype
+    head = new_shared_head(one, "obj")
+    assert head.config.base_weights_fingerprint == one.weights_fingerprint
+    data = head.to_bytes()
+    with pytest.raises(
+        IncompatibleHeadError,
+        match=rf"trained on base weights {one.weights_fingerprint[:12]}.*has weights {other.weights_fingerprint[:12]}",
+    ):
+        load_value_model(data, other)
+    with pytest.raises(IncompatibleHeadError, match="other weights"):
+        MavisDecoder(other, [head])
+    assert load_value_model(data, other, allow_other_base=True).objective == "obj"  # deliberate transfer
+    assert load_value_model(data, same_low).objective == "obj"
