@@ -30,22 +30,15 @@ def main() -> None:
 
     import torch
     from sqlalchemy import event
+    from sqlalchemy.engine import Engine
 
     from mavis_lc import MavisLLM
     from mavis_lc.base_model import load_base_model
-    from mavis_lc.registry import Registry, db
-    from mavis_lc.registry import api as registry_api
+    from mavis_lc.registry import Registry
     from mavis_lc.value_model import new_shared_head
 
     queries: list[str] = []
-    created = db.create_registry_engine
-
-    def counting(url: str) -> object:
-        engine = created(url)
-        event.listen(engine, "before_cursor_execute", lambda *a: queries.append(str(a[2])))
-        return engine
-
-    registry_api.create_registry_engine = counting  # type: ignore[assignment]
+    event.listen(Engine, "before_cursor_execute", lambda *a: queries.append(str(a[2])))  # every engine's statements
     base = load_base_model()
     registry = Registry()
     files = []

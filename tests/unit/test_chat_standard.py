@@ -27,4 +27,4 @@ class TestChatMavisUnit(ChatModelUnitTests):
 
     @property
     def chat_model_params(self) -> dict:
-        return {"base_model": getattr(type(self), "tiny_dir", None), "top_k": 10}
+        return {"base_model": getattr(type(self), "tiny_dir", None), "top_k": 10, "seed": 0}

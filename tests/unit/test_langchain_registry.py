@@ -96,27 +96,23 @@ def test_head_for_another_tokenizer_is_refused(base: BaseModel, tiny_model_dir: 
 
 
 def test_resolution_is_once_per_object_and_never_stale(
-    base: BaseModel, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    base: BaseModel, tiny_model_dir: Path, request: pytest.FixtureRequest
 ) -> None:
     from langchain_core.caches import InMemoryCache
     from sqlalchemy import event
-
-    from mavis_lc.registry import db
+    from sqlalchemy.engine import Engine
 
     registry = Registry()
     register(registry, base, "positivity", 1)
     register(registry, base, "positivity", 2)
     registry.set_alias("positivity", "prod", 1)
     queries: list[str] = []
-    created = db.create_registry_engine
 
-    def counting(url: str) -> object:
-        engine = created(url)
-        event.listen(engine, "before_cursor_execute", lambda *a: queries.append(str(a[2])))
-        return engine
+    def count(*args: object) -> None:  # every statement of every SQLAlchemy engine
+        queries.append(str(args[2]))
 
-    monkeypatch.setattr(db, "create_registry_engine", counting)
-    monkeypatch.setattr("mavis_lc.registry.api.create_registry_engine", counting)
+    event.listen(Engine, "before_cursor_execute", count)
+    request.addfinalizer(lambda: event.remove(Engine, "before_cursor_execute", count))
     cache = InMemoryCache()
     first = MavisLLM(base_model=str(tiny_model_dir), heads=["positivity@prod"], max_tokens=6, beta=3.0, cache=cache)
     before = first.generate(["Hello"], seed=1).generations[0][0]
