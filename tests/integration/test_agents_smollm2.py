@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from langchain.agents import create_agent
@@ -77,9 +78,8 @@ def test_create_agent_runs_a_full_tool_loop() -> None:
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
 def test_structured_output_is_valid_on_twenty_varied_prompts(method: str) -> None:
     chat = ChatMavis(max_tokens=96, temperature=0.7)
-    results = chat.with_structured_output(Person, method=method, include_raw=True).batch(
-        QUESTIONS, seed=list(range(len(QUESTIONS)))
-    )
+    configs: list[Any] = [{"configurable": {"mavis": {"seed": seed}}} for seed in range(len(QUESTIONS))]
+    results = chat.with_structured_output(Person, method=method, include_raw=True).batch(QUESTIONS, configs)
     errors = [
         (q, r["parsing_error"], r["raw"].content)
         for q, r in zip(QUESTIONS, results, strict=True)
