@@ -389,11 +389,11 @@ class MavisDecoder:
             if checked is None:
                 out.append(None)
                 continue
-            if checked not in compiled:  # validate once per distinct grammar, then a matcher per row
+            if checked not in compiled:  # compile once per distinct grammar, then a copy per row
                 compiled[checked] = self._grammars.constraint(checked)
                 out.append(compiled[checked])
             else:
-                out.append(self._grammars.constraint(checked))
+                out.append(compiled[checked].copy())
         return out
 
     @staticmethod

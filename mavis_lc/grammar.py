@@ -97,6 +97,10 @@ class RowConstraint:
         self._matcher = matcher
         self.vocab_size = vocab_size
 
+    def copy(self) -> RowConstraint:
+        """An independent constraint in the same state (the compiled grammar is shared, not rebuilt)."""
+        return RowConstraint(self._matcher.deep_copy(), self.vocab_size)
+
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens that keep the output inside the grammar (EOS where it accepts)."""
         import llguidance.torch as llt
