@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -49,6 +50,25 @@ class DecodeConfig:
     """Seed of every row's generator (None: fresh random seeds); see `MavisDecoder.stream`."""
     stop: tuple[str, ...] = ()
     """Strings that end a sequence; the output is cut just before the first one."""
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """A row's own length limits and stop strings, for batches whose rows come from different
+    requests (`MavisDecoder.stream`'s ``row_options``); None fields take the config's."""
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+
+    def resolve(self, config: DecodeConfig) -> DecodeConfig:
+        """``config`` with this row's fields in place of its own."""
+        return replace(
+            config,
+            max_new_tokens=config.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
+            min_new_tokens=config.min_new_tokens if self.min_new_tokens is None else self.min_new_tokens,
+            stop=config.stop if self.stop is None else tuple(self.stop),
+        )
 
 
 @dataclass
@@ -194,6 +214,7 @@ class MavisDecoder:
         self._lm_head = base.model.get_output_embeddings()
         self._tap_layers = sorted({h.tap_layer for h in self.heads if h.tap_layer is not None})
         self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     def check(self, config: DecodeConfig, prompt_tokens: int = 0) -> None:
         """Raise `DecodingParameterError` naming the first parameter out of range."""
@@ -224,11 +245,12 @@ class MavisDecoder:
         config: DecodeConfig | None = None,
         *,
         seeds: Sequence[int] | None = None,
-        grammars: Sequence[Grammar | None] | None = None,
+        grammars: Sequence[Grammar | RowConstraint | None] | None = None,
+        row_options: Sequence[RowOptions] | None = None,
     ) -> list[Generation]:
         """Decode every prompt in one batched loop; see `stream` for the arguments."""
         results: list[Generation | None] = [None] * len(prompts)
-        for step in self.stream(prompts, weights, config, seeds=seeds, grammars=grammars):
+        for step in self.stream(prompts, weights, config, seeds=seeds, grammars=grammars, row_options=row_options):
             for b, finished in enumerate(step.finished):
                 if finished is not None:
                     results[b] = finished
@@ -241,7 +263,8 @@ class MavisDecoder:
         config: DecodeConfig | None = None,
         *,
         seeds: Sequence[int] | None = None,
-        grammars: Sequence[Grammar | None] | None = None,
+        grammars: Sequence[Grammar | RowConstraint | None] | None = None,
+        row_options: Sequence[RowOptions] | None = None,
     ) -> Iterator[StreamStep]:
         """Decode a batch of prompts, yielding each step's per-row text deltas.
 
@@ -256,7 +279,10 @@ class MavisDecoder:
                 unconstrained rows. A row's allowed-token mask is applied to the base logits
                 before the top-k, so every candidate is legal; EOS only where the grammar
                 accepts. Where ``min_new_tokens`` still bans EOS but the grammar allows nothing
-                else, the grammar wins.
+                else, the grammar wins. A compiled `RowConstraint` (from `constraints`) is used as
+                given: the row advances it.
+            row_options: B per-row `RowOptions` (max/min new tokens, stop strings) in place of
+                the config's; the loop runs until the longest row is done.
 
         Raises:
             DecodingParameterError, InvalidWeightError, UnknownObjectiveError: bad arguments,
@@ -267,23 +293,29 @@ class MavisDecoder:
         if batch == 0:
             return
         rows = _weight_rows(weights, batch)
-        row_seeds = self._row_seeds(cfg, seeds, batch)
-        constraints = self._constraints(grammars, batch)
+        row_seeds = self.row_seeds(cfg, seeds, batch)
+        if row_options is not None and len(row_options) != batch:
+            raise DecodingParameterError(f"got {len(row_options)} row options for {batch} prompts; give one per prompt")
+        row_cfgs = [cfg] * batch if row_options is None else [o.resolve(cfg) for o in row_options]
+        constraints = self.constraints(grammars, batch)
         device = self.base.device
         tok = self.base.tokenizer
         enc = tok(list(prompts), padding=True, return_tensors="pt")
         input_ids = enc["input_ids"].to(device)  # (B, P)
         attention_mask = enc["attention_mask"].to(device)  # (B, P)
-        self.check(cfg, int(input_ids.shape[1]))
+        prompt_lengths = attention_mask.sum(-1).tolist()
+        for b, row_cfg in enumerate(row_cfgs):
+            self.check(row_cfg, int(prompt_lengths[b]))
+        max_new = [c.max_new_tokens for c in row_cfgs]
+        min_new = [c.min_new_tokens for c in row_cfgs]
         weight_rows = weight_matrix(rows, self.objectives, device=device)  # (B, M)
         generators = None
         if cfg.do_sample and cfg.temperature > 0:
             generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
         ban = torch.tensor(self.base.eos_token_ids, device=device, dtype=torch.long)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        prompt_lengths = attention_mask.sum(-1).tolist()
 
-        tracker = _TextTracker(tok, cfg.stop, set(self.base.eos_token_ids), batch)
+        tracker = _TextTracker(tok, [c.stop for c in row_cfgs], set(self.base.eos_token_ids), batch)
         temperature = cfg.temperature or 1.0  # greedy at T = 0 reads the tilt and statistics at T = 1
         # Per step, per row: log pi - log pi_ref, log pi - log pi_ref^k and the tilt, kept until a
         # row finishes, so that tokens past a stop-string cut count in none of its statistics.
@@ -306,13 +338,19 @@ class MavisDecoder:
             prompt_hidden = prompt_mean(prompt_states, attention_mask)  # (B, d) the prompt-pooled query
             next_position = position_ids[:, -1]  # (B,)
             no_eos = None
-            if cfg.min_new_tokens:
+            if any(min_new):
                 no_eos = torch.ones(batch, self.base.vocab_size, dtype=torch.bool, device=device)  # (B, V)
-                no_eos[:, ban] = False
-        for step in range(cfg.max_new_tokens):
+                for b, m in enumerate(min_new):
+                    if m:
+                        no_eos[b, ban] = False
+        for step in range(max(max_new)):
             with torch.inference_mode():
                 logits = self._lm_head(hidden)  # (B, V)
-                allowed = no_eos if step < cfg.min_new_tokens else None
+                if no_eos is not None:
+                    for b, m in enumerate(min_new):
+                        if m and step == m:  # row b may end from now on
+                            no_eos[b] = True
+                allowed = no_eos if step < max(min_new) else None
                 if any(c is not None for c in constraints):
                     allowed = _grammar_mask(constraints, tracker.done, allowed, batch, self.base.vocab_size, device)
                 out = mavis_step(
@@ -332,7 +370,7 @@ class MavisDecoder:
             for b, constraint in enumerate(constraints):
                 if constraint is not None and not tracker.done[b]:
                     constraint.consume(chosen[b])
-            deltas = tracker.push(chosen, last_step=step + 1 == cfg.max_new_tokens)
+            deltas = tracker.push(chosen, last_step=[step + 1 == m for m in max_new])
             finished: list[Generation | None] = [None] * batch
             for b in tracker.newly_done:
                 n = tracker.kept[b]
@@ -372,19 +410,26 @@ class MavisDecoder:
                     taps = _tap_of(head, tap)
                     head.advance(out.tokens, taps=None if taps is None else taps[:, -1])
 
-    def _constraints(self, grammars: Sequence[Grammar | None] | None, batch: int) -> list[RowConstraint | None]:
-        """One compiled constraint per row (None: unconstrained); compile errors before decoding."""
+    def constraints(
+        self, grammars: Sequence[Grammar | RowConstraint | None] | None, batch: int
+    ) -> list[RowConstraint | None]:
+        """One compiled constraint per row (None: unconstrained); compile errors before decoding.
+        Compiled constraints pass through as they are. Safe to call from several threads."""
         if grammars is None:
             return [None] * batch
         if len(grammars) != batch:
             raise GrammarError(f"got {len(grammars)} grammars for {batch} prompts; give one per prompt")
         if all(g is None for g in grammars):
             return [None] * batch
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.base.tokenizer, self.base.vocab_size, self.base.eos_token_ids)
+        with self._grammar_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.base.tokenizer, self.base.vocab_size, self.base.eos_token_ids)
         compiled: dict[Grammar, RowConstraint] = {}
         out: list[RowConstraint | None] = []
         for grammar in grammars:
+            if isinstance(grammar, RowConstraint):
+                out.append(grammar)
+                continue
             checked = Grammar.coerce(grammar)
             if checked is None:
                 out.append(None)
@@ -397,7 +442,8 @@ class MavisDecoder:
         return out
 
     @staticmethod
-    def _row_seeds(cfg: DecodeConfig, seeds: Sequence[int] | None, batch: int) -> list[int]:
+    def row_seeds(cfg: DecodeConfig, seeds: Sequence[int] | None, batch: int) -> list[int]:
+        """Each row's seed: ``seeds`` (one per row), else ``cfg.seed`` for all, else fresh ones."""
         if seeds is not None:
             if len(seeds) != batch:
                 raise DecodingParameterError(f"got {len(seeds)} seeds for {batch} prompts")
@@ -454,9 +500,10 @@ class _TextTracker:
     nor a trailing partial UTF-8 character.
     """
 
-    def __init__(self, tokenizer: object, stop: Sequence[str], eos_ids: set[int], batch: int) -> None:
+    def __init__(self, tokenizer: object, stops: Sequence[Sequence[str]], eos_ids: set[int], batch: int) -> None:
         self.tokenizer = tokenizer
-        self.stop = list(stop)
+        self.stops = [list(s) for s in stops]
+        """Each row's stop strings."""
         self.eos_ids = eos_ids
         self.token_ids: list[list[int]] = [[] for _ in range(batch)]
         self.kept = [0] * batch
@@ -468,7 +515,8 @@ class _TextTracker:
         self.finish_reason = [""] * batch
         self.stop_sequence: list[str | None] = [None] * batch
 
-    def push(self, tokens: list[int], *, last_step: bool) -> list[str]:
+    def push(self, tokens: list[int], *, last_step: Sequence[bool]) -> list[str]:
+        """Take one token per row (``last_step[b]``: row b's length limit is reached)."""
         self.newly_done = []
         deltas = [""] * len(tokens)
         for b, token in enumerate(tokens):
@@ -476,20 +524,20 @@ class _TextTracker:
                 continue
             self.token_ids[b].append(token)
             text = self.tokenizer.decode(self.token_ids[b], skip_special_tokens=True)  # type: ignore[attr-defined]
-            cut, matched = self._find_stop(text)
+            cut, matched = self._find_stop(text, self.stops[b])
             if matched is not None:
                 self._finish(b, text[:cut], "stop", matched)
                 self.kept[b] = self._tokens_for(b, cut)
             elif token in self.eos_ids:
                 self._finish(b, text, "stop", None)
-            elif last_step:
+            elif last_step[b]:
                 self._finish(b, text, "length", None)
             if self.done[b]:
                 final = self.final_text[b]
                 deltas[b] = final[self.emitted[b] :]
                 self.emitted[b] = len(final)
                 continue
-            safe = len(text) - self._holdback(text)
+            safe = len(text) - self._holdback(text, self.stops[b])
             if safe > self.emitted[b]:
                 deltas[b] = text[self.emitted[b] : safe]
                 self.emitted[b] = safe
@@ -511,15 +559,17 @@ class _TextTracker:
         self.finish_reason[b] = reason
         self.stop_sequence[b] = matched
 
-    def _find_stop(self, text: str) -> tuple[int, str | None]:
+    @staticmethod
+    def _find_stop(text: str, stop: Sequence[str]) -> tuple[int, str | None]:
         best: tuple[int, str | None] = (len(text), None)
-        for s in self.stop:
+        for s in stop:
             i = text.find(s)
             if i != -1 and i < best[0]:
                 best = (i, s)
         return best
 
-    def _holdback(self, text: str) -> int:
+    @staticmethod
+    def _holdback(text: str, stop: Sequence[str]) -> int:
         """Characters at the end of ``text`` that must not be streamed yet.
 
         A trailing replacement character may still become another character when the next
@@ -528,7 +578,7 @@ class _TextTracker:
         """
         stable = text.rstrip("\ufffd")
         hold = 0
-        for s in self.stop:
+        for s in stop:
             for n in range(min(len(s) - 1, len(stable)), hold, -1):
                 if stable.endswith(s[:n]):
                     hold = n

@@ -3,8 +3,8 @@
 LangChain rebuilds model objects freely (``configurable_fields``, ``bind``, copies), so the
 base model and value heads live here, keyed by what identifies them (base model, device,
 dtype, and each head's artifact sha256), and every object pointing at the same ones shares
-one `MavisEngine`. The engine's lock serialises decoding, so concurrent sync or async calls
-cannot interleave on the shared KV cache or generators.
+one `MavisEngine`. Concurrent sync or async calls to one engine share batched decodes through
+its `BatchScheduler`: requests that arrive while a batch runs are merged into the next one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder, StreamStep
 from mavis_lc.errors import ModelLoadError
 from mavis_lc.grammar import Grammar
+from mavis_lc.scheduler import BatchScheduler
 from mavis_lc.settings import get_settings
 from mavis_lc.value_model import load_value_model
 from mavis_lc.weights import Weights
@@ -84,13 +85,21 @@ def resolve_heads(specs: Sequence[str], database_url: str | None = None, registr
 
 
 class MavisEngine:
-    """A `MavisDecoder` plus the lock that makes it safe to share across threads."""
+    """A `MavisDecoder` shared by every thread and event loop of the process: calls go through
+    its `BatchScheduler`, which merges concurrent requests into shared batches (bounded by
+    ``MAVIS_MAX_BATCH_SIZE`` rows and ``MAVIS_MAX_QUEUE`` waiting requests)."""
 
     def __init__(self, base: BaseModel, sources: Sequence[HeadSource], *, allow_other_base: bool = False) -> None:
         heads = [load_value_model(s.path, base, allow_other_base=allow_other_base) for s in sources]
         self.decoder = MavisDecoder(base, heads, allow_other_base=allow_other_base)
         self.sources = list(sources)
-        self.lock = threading.Lock()
+        settings = get_settings()
+        self.scheduler = BatchScheduler(
+            self.decoder,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+        )
 
     @property
     def base(self) -> BaseModel:
@@ -114,8 +123,19 @@ class MavisEngine:
         seeds: Sequence[int] | None = None,
         grammars: Sequence[Grammar | None] | None = None,
     ) -> list[Generation]:
-        with self.lock:
-            return self.decoder.generate(prompts, weights, config, seeds=seeds, grammars=grammars)
+        """Decode to the end; one `Generation` per prompt (see `MavisDecoder.stream`)."""
+        return self.scheduler.generate(prompts, weights, config, seeds, grammars)
+
+    async def agenerate(
+        self,
+        prompts: Sequence[str],
+        weights: Weights | Sequence[Weights] | None,
+        config: DecodeConfig,
+        seeds: Sequence[int] | None = None,
+        grammars: Sequence[Grammar | None] | None = None,
+    ) -> list[Generation]:
+        """As `generate`, awaited on the running loop (the decode runs on the engine's thread)."""
+        return await self.scheduler.agenerate(prompts, weights, config, seeds, grammars)
 
     def stream(
         self,
@@ -125,8 +145,19 @@ class MavisEngine:
         seeds: Sequence[int] | None = None,
         grammars: Sequence[Grammar | None] | None = None,
     ) -> Iterator[StreamStep]:
-        with self.lock:
-            yield from self.decoder.stream(prompts, weights, config, seeds=seeds, grammars=grammars)
+        """Each step's text deltas; validation errors are raised before the first step."""
+        return self.scheduler.stream(prompts, weights, config, seeds, grammars)
+
+    def astream(
+        self,
+        prompts: Sequence[str],
+        weights: Weights | Sequence[Weights] | None,
+        config: DecodeConfig,
+        seeds: Sequence[int] | None = None,
+        grammars: Sequence[Grammar | None] | None = None,
+    ) -> AsyncIterator[StreamStep]:
+        """As `stream`, as an async iterator."""
+        return self.scheduler.astream(prompts, weights, config, seeds, grammars)
 
 
 _ENGINES: OrderedDict[tuple[object, ...], MavisEngine] = OrderedDict()

@@ -54,6 +54,10 @@ class DecodingParameterError(ConfigurationError):
     """A decoding parameter (top_k, temperature, beta, max_tokens, ...) is out of range."""
 
 
+class EngineBusyError(MavisError):
+    """An engine's request queue is full (``MAVIS_MAX_QUEUE``); retry later."""
+
+
 class SpecError(ConfigurationError):
     """A value-head spec such as ``positivity@production`` cannot be parsed."""
 

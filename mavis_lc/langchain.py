@@ -26,6 +26,7 @@ from typing import Any, Literal, Self, cast
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
     BaseCallbackManager,
     CallbackManager,
     CallbackManagerForLLMRun,
@@ -213,6 +214,17 @@ class _MavisParams(BaseModel):
         makes no database query."""
         return self._resolution().engine
 
+    async def aengine(self) -> MavisEngine:
+        """As `engine`, resolving and loading (when due) in an executor thread, off the event loop."""
+        if not self._fresh():
+            await asyncio.get_running_loop().run_in_executor(None, self._resolution)
+        return self.engine()
+
+    def _fresh(self) -> bool:
+        current = self._resolved.value
+        ttl = self.resolve_ttl
+        return current is not None and (ttl is None or time.monotonic() - current.at < ttl)
+
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """As pydantic's, sharing this object's resolution (never deep-copying its engine) unless
         the update changes what resolves: the base, the heads, the preset, the registry, the
@@ -232,8 +244,7 @@ class _MavisParams(BaseModel):
 
     def _resolution(self) -> _Resolution:
         current = self._resolved.value
-        ttl = self.resolve_ttl
-        if current is not None and (ttl is None or time.monotonic() - current.at < ttl):
+        if current is not None and self._fresh():
             return current
         from mavis_lc.registry import Registry
 
@@ -531,7 +542,21 @@ class MavisLLM(_MavisParams, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         engine, config, rows, seeds, grammars = self._decode(prompts, stop, kwargs)
-        generations = engine.generate(prompts, rows, config, seeds=seeds, grammars=grammars)
+        return self._llm_result(engine, engine.generate(prompts, rows, config, seeds=seeds, grammars=grammars))
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """As `_generate`, awaited: concurrent calls share the engine's batched decodes."""
+        await self.aengine()
+        engine, config, rows, seeds, grammars = self._decode(prompts, stop, kwargs)
+        return self._llm_result(engine, await engine.agenerate(prompts, rows, config, seeds=seeds, grammars=grammars))
+
+    def _llm_result(self, engine: MavisEngine, generations: Sequence[decoding.Generation]) -> LLMResult:
         return LLMResult(
             generations=[[Generation(text=g.text, generation_info=self._metadata(engine, g))] for g in generations],
             llm_output={"model_name": engine.base.model_id, "token_usage": _usage(generations)},
@@ -546,14 +571,34 @@ class MavisLLM(_MavisParams, BaseLLM):
     ) -> Iterator[GenerationChunk]:
         engine, config, rows, seeds, grammars = self._decode([prompt], stop, kwargs)
         for step in engine.stream([prompt], rows, config, seeds=seeds, grammars=grammars):
-            finished = step.finished[0]
-            info = self._metadata(engine, finished) if finished is not None else None
-            if not step.deltas[0] and info is None:
-                continue
-            chunk = GenerationChunk(text=step.deltas[0], generation_info=info)
-            if run_manager:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+            chunk = self._chunk(engine, step)
+            if chunk is not None:
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        await self.aengine()
+        engine, config, rows, seeds, grammars = self._decode([prompt], stop, kwargs)
+        async for step in engine.astream([prompt], rows, config, seeds=seeds, grammars=grammars):
+            chunk = self._chunk(engine, step)
+            if chunk is not None:
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    def _chunk(self, engine: MavisEngine, step: decoding.StreamStep) -> GenerationChunk | None:
+        finished = step.finished[0]
+        info = self._metadata(engine, finished) if finished is not None else None
+        if not step.deltas[0] and info is None:
+            return None
+        return GenerationChunk(text=step.deltas[0], generation_info=info)
 
 
 class ChatMavis(_MavisParams, BaseChatModel):
@@ -646,18 +691,39 @@ class ChatMavis(_MavisParams, BaseChatModel):
             response_metadata={**meta, "finish_reason": "tool_calls" if calls else meta["finish_reason"]},
         )
 
-    def _chat_generations(
+    def _chat_request(
         self, batch: Sequence[Sequence[BaseMessage]], stop: list[str] | None, kwargs: Mapping[str, Any]
-    ) -> list[ChatGeneration]:
+    ) -> _ChatRequest:
         engine = self.engine()
         decode_kwargs, mode, tools = self._tool_setup(kwargs)
         shown = tools if mode != "none" else []
         prompts = [self._format(engine, m, shown) for m in batch]
         engine, config, rows, seeds, grammars = self._decode(prompts, stop, decode_kwargs)
+        return _ChatRequest(engine, prompts, config, rows, seeds, grammars, mode, tools)
+
+    def _chat_results(self, request: _ChatRequest, generations: Sequence[decoding.Generation]) -> list[ChatGeneration]:
+        engine = request.engine
         return [
-            ChatGeneration(message=self._message(engine, g, mode, tools), generation_info=self._metadata(engine, g))
-            for g in engine.generate(prompts, rows, config, seeds=seeds, grammars=grammars)
+            ChatGeneration(
+                message=self._message(engine, g, request.mode, request.tools), generation_info=self._metadata(engine, g)
+            )
+            for g in generations
         ]
+
+    def _chat_generations(
+        self, batch: Sequence[Sequence[BaseMessage]], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> list[ChatGeneration]:
+        r = self._chat_request(batch, stop, kwargs)
+        return self._chat_results(r, r.engine.generate(r.prompts, r.rows, r.config, seeds=r.seeds, grammars=r.grammars))
+
+    async def _achat_generations(
+        self, batch: Sequence[Sequence[BaseMessage]], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> list[ChatGeneration]:
+        """As `_chat_generations`, awaited: concurrent calls share the engine's batched decodes."""
+        await self.aengine()
+        r = self._chat_request(batch, stop, kwargs)
+        generations = await r.engine.agenerate(r.prompts, r.rows, r.config, seeds=r.seeds, grammars=r.grammars)
+        return self._chat_results(r, generations)
 
     def _generate(
         self,
@@ -668,6 +734,15 @@ class ChatMavis(_MavisParams, BaseChatModel):
     ) -> ChatResult:
         return ChatResult(generations=self._chat_generations([messages], stop, kwargs))
 
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return ChatResult(generations=await self._achat_generations([messages], stop, kwargs))
+
     def _stream(
         self,
         messages: list[BaseMessage],
@@ -677,46 +752,30 @@ class ChatMavis(_MavisParams, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         """Text streams as it is decoded; an answer that starts a tool call is held back and
         ends in one chunk of ``tool_call_chunks`` (and any text around the calls)."""
-        engine = self.engine()
-        decode_kwargs, mode, tools = self._tool_setup(kwargs)
-        prompt = self._format(engine, messages, tools if mode != "none" else [])
-        engine, config, rows, seeds, grammars = self._decode([prompt], stop, decode_kwargs)
-        text = ""
-        calling = mode == "required"
-        for step in engine.stream([prompt], rows, config, seeds=seeds, grammars=grammars):
-            delta = step.deltas[0]
-            if delta:
-                if mode == "auto" and not text and delta.lstrip().startswith("<"):
-                    calling = True
-                text += delta
-                if not calling:
-                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-                    if run_manager:
-                        run_manager.on_llm_new_token(delta, chunk=chunk)
-                    yield chunk
-            finished = step.finished[0]
-            if finished is not None:
-                meta = self._metadata(engine, finished)
-                message = self._message(engine, finished, mode, tools) if calling else None
-                calls = message.tool_calls if message else []
-                chunks = [
-                    tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-                    for i, c in enumerate(calls)
-                ]
-                chunks += [
-                    tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
-                    for i, c in enumerate(message.invalid_tool_calls if message else [])
-                ]
-                yield ChatGenerationChunk(
-                    message=AIMessageChunk(
-                        content=message.content if message else "",
-                        tool_call_chunks=chunks,
-                        usage_metadata=_message_usage(finished),
-                        response_metadata=message.response_metadata if message else meta,
-                        chunk_position="last",
-                    ),
-                    generation_info=meta,
-                )
+        r = self._chat_request([messages], stop, kwargs)
+        chunker = _ChatChunker(self, r)
+        for step in r.engine.stream(r.prompts, r.rows, r.config, seeds=r.seeds, grammars=r.grammars):
+            for chunk in chunker.feed(step):
+                if run_manager and chunk.generation_info is None:  # a text delta
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """As `_stream`, awaited: concurrent streams share the engine's batched decodes."""
+        await self.aengine()
+        r = self._chat_request([messages], stop, kwargs)
+        chunker = _ChatChunker(self, r)
+        async for step in r.engine.astream(r.prompts, r.rows, r.config, seeds=r.seeds, grammars=r.grammars):
+            for chunk in chunker.feed(step):
+                if run_manager and chunk.generation_info is None:  # a text delta
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
 
     def bind_tools(
         self,
@@ -847,7 +906,7 @@ class ChatMavis(_MavisParams, BaseChatModel):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[BaseMessage]:
-        """As `batch`, with async callbacks; the decode runs in an executor thread."""
+        """As `batch`, with async callbacks; the decode is awaited (shared with concurrent callers)."""
         if not inputs:
             return []
         configs = get_config_list(config, len(inputs))
@@ -867,7 +926,7 @@ class ChatMavis(_MavisParams, BaseChatModel):
             for c, m in zip(configs, batch, strict=True)
         ]
         try:
-            generations = await loop.run_in_executor(None, partial(self._chat_generations, batch, stop, kwargs))
+            generations = await self._achat_generations(batch, stop, kwargs)
         except Exception as exc:
             for manager in managers:
                 await manager.on_llm_error(exc)
@@ -934,6 +993,68 @@ def _context_length(model: str) -> int | None:
     except (OSError, ValueError):
         return None
     return int(value) if isinstance(value, int) else None
+
+
+@dataclass
+class _ChatRequest:
+    """A chat call made ready to decode: its prompts, decoding arguments and tool mode."""
+
+    engine: MavisEngine
+    prompts: list[str]
+    config: decoding.DecodeConfig
+    rows: list[dict[str, float]]
+    seeds: list[int] | None
+    grammars: list[Any] | None
+    mode: str
+    tools: list[Mapping[str, Any]]
+
+
+class _ChatChunker:
+    """Turns a one-row decode's steps into chat chunks: text deltas as they come (held back once
+    an answer starts a tool call), then one last chunk with the tool calls, usage and metadata."""
+
+    def __init__(self, model: ChatMavis, request: _ChatRequest) -> None:
+        self.model = model
+        self.request = request
+        self.text = ""
+        self.calling = request.mode == "required"
+
+    def feed(self, step: decoding.StreamStep) -> list[ChatGenerationChunk]:
+        out: list[ChatGenerationChunk] = []
+        mode, tools, engine = self.request.mode, self.request.tools, self.request.engine
+        delta = step.deltas[0]
+        if delta:
+            if mode == "auto" and not self.text and delta.lstrip().startswith("<"):
+                self.calling = True
+            self.text += delta
+            if not self.calling:
+                out.append(ChatGenerationChunk(message=AIMessageChunk(content=delta)))
+        finished = step.finished[0]
+        if finished is not None:
+            meta = self.model._metadata(engine, finished)
+            message = self.model._message(engine, finished, mode, tools) if self.calling else None
+            calls = message.tool_calls if message else []
+            chunks = [
+                tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+                for i, c in enumerate(calls)
+            ]
+            chunks += [
+                tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
+                for i, c in enumerate(message.invalid_tool_calls if message else [])
+            ]
+            out.append(
+                ChatGenerationChunk(
+                    message=AIMessageChunk(
+                        content=message.content if message else "",
+                        tool_call_chunks=chunks,
+                        usage_metadata=_message_usage(finished),
+                        response_metadata=message.response_metadata if message else meta,
+                        chunk_position="last",
+                    ),
+                    generation_info=meta,
+                )
+            )
+        return out
 
 
 def _parse_json_answer(message: BaseMessage) -> Any:

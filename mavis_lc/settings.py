@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     """Allow model code from a model directory to run. Off unless you trust the directory."""
     engine_cache_size: int = Field(default=4, ge=1)
     """Loaded engines (base model + head set) kept per process, least recently used dropped first."""
+    max_batch_size: int = Field(default=32, ge=1)
+    """Most rows one engine decodes together when it merges concurrent requests (a single
+    request with more prompts runs alone, in one batch of its own size)."""
+    max_queue: int = Field(default=256, ge=1)
+    """Most requests waiting for one engine; a request past it gets `EngineBusyError`."""
+    batch_wait_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
+    """How long an idle engine waits for more requests before starting a batch (0: starts at
+    once; requests that arrive meanwhile join the next batch)."""
 
     def resolved_database_url(self) -> str:
         if self.database_url is not None:

@@ -17,7 +17,7 @@ from langchain_core.runnables import ConfigurableField
 
 import mavis_lc
 from mavis_lc import ChatMavis, MavisLLM
-from mavis_lc.engine import MavisEngine
+from mavis_lc.decoding import MavisDecoder
 from mavis_lc.errors import ConfigurationError, DecodingParameterError, InvalidWeightError, UnknownObjectiveError
 from tests.tiny import save_random_heads
 
@@ -95,13 +95,13 @@ def test_batch_takes_per_row_weights_in_one_decode(llm: MavisLLM, monkeypatch: p
     rows = [{"positivity": 1.0}, {"conciseness": 1.0}, {"positivity": 0.3, "conciseness": 0.7}, {}]
     alone = [llm.invoke(p, weights=w) for p, w in zip(PROMPTS, rows, strict=True)]
     calls: list[int] = []
-    original = MavisEngine.generate
+    original = MavisDecoder.stream
 
-    def counting(self: MavisEngine, prompts: Any, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: MavisDecoder, prompts: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(len(prompts))
         return original(self, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(MavisEngine, "generate", counting)
+    monkeypatch.setattr(MavisDecoder, "stream", counting)
     assert llm.batch(PROMPTS, weights=rows) == alone
     assert calls == [4]
     assert llm.batch(PROMPTS, {"max_concurrency": 2}, weights=rows) == alone
@@ -119,13 +119,13 @@ def test_configurable_fields_reuse_the_loaded_engine(llm: MavisLLM) -> None:
 def test_llm_cache_never_returns_a_result_computed_with_other_weights(llm: MavisLLM) -> None:
     set_llm_cache(InMemoryCache())
     calls: list[int] = []
-    original = MavisEngine.generate
+    original = MavisDecoder.stream
 
-    def counting(self: MavisEngine, prompts: Any, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: MavisDecoder, prompts: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(len(prompts))
         return original(self, prompts, *args, **kwargs)
 
-    MavisEngine.generate = counting  # type: ignore[method-assign]
+    MavisDecoder.stream = counting  # type: ignore[method-assign]
     try:
         a = llm.invoke(PROMPTS[0], weights={"positivity": 1.0})
         b = llm.invoke(PROMPTS[0], weights={"conciseness": 1.0})
@@ -137,7 +137,7 @@ def test_llm_cache_never_returns_a_result_computed_with_other_weights(llm: Mavis
         assert llm.batch([PROMPTS[0], PROMPTS[0]], weights=rows) == [a, b]
         assert len(calls) == 3
     finally:
-        MavisEngine.generate = original  # type: ignore[method-assign]
+        MavisDecoder.stream = original  # type: ignore[method-assign]
 
 
 def test_chat_cache_keys_on_weights(chat: ChatMavis) -> None:
@@ -192,9 +192,9 @@ def test_chat_batch_is_one_decode_with_per_row_weights(chat: ChatMavis, monkeypa
     rows = [{"positivity": 1.0}, {"conciseness": 1.0}, {}]
     alone = [chat.invoke(p, weights=w).content for p, w in zip(PROMPTS, rows, strict=False)]
     calls: list[int] = []
-    original = MavisEngine.generate
+    original = MavisDecoder.stream
     monkeypatch.setattr(
-        MavisEngine, "generate", lambda self, p, *a, **k: calls.append(len(p)) or original(self, p, *a, **k)
+        MavisDecoder, "stream", lambda self, p, *a, **k: calls.append(len(p)) or original(self, p, *a, **k)
     )
     counter = Counter()
     out = chat.batch(PROMPTS[:3], {"callbacks": [counter]}, weights=rows)
@@ -274,9 +274,9 @@ async def test_chains_pass_weights_per_input_through_configurable(
     assert expected == direct
     assert len(set(expected)) == 3
     calls: list[int] = []
-    original = MavisEngine.generate
+    original = MavisDecoder.stream
     monkeypatch.setattr(
-        MavisEngine, "generate", lambda self, p, *a, **k: calls.append(len(p)) or original(self, p, *a, **k)
+        MavisDecoder, "stream", lambda self, p, *a, **k: calls.append(len(p)) or original(self, p, *a, **k)
     )
     configs: Any = [{"configurable": {"mavis": {"weights": w}}} for w in rows]
     assert chain.batch(inputs, configs) == expected
@@ -303,9 +303,9 @@ def test_batch_takes_per_row_seeds_for_n_samples_of_a_prompt(
     alone = [text(model.invoke(PROMPTS[0], seed=s, weights={"positivity": 1.0})) for s in seeds]
     assert len(set(alone)) > 1  # different seeds sample different continuations
     calls: list[int] = []
-    original = MavisEngine.generate
+    original = MavisDecoder.stream
     monkeypatch.setattr(
-        MavisEngine, "generate", lambda self, p, *a, **k: calls.append(len(p)) or original(self, p, *a, **k)
+        MavisDecoder, "stream", lambda self, p, *a, **k: calls.append(len(p)) or original(self, p, *a, **k)
     )
     batch = model.batch([PROMPTS[0]] * 4, seed=seeds, weights={"positivity": 1.0})
     assert [text(x) for x in batch] == alone
