@@ -6,8 +6,15 @@ store), then times one-token `MavisLLM.invoke` calls of two objects, one naming 
 (medians), and counts the registry database's queries during the timed calls (SQLAlchemy
 cursor events). Objects resolve their specs once, on first use, so both should cost the same.
 
+Then concurrency: ``--callers`` async callers (8), each with its own weighting and seed, send
+one chat call each (``--tokens`` new tokens, at least that many: EOS is banned before) to one
+`ChatMavis`, all at once (``asyncio.gather``), against the same calls awaited one after another
+(the serialized path, each decoded alone), alternately, medians of ``--repeats`` runs. The
+engine's scheduler merges the concurrent calls into shared batches; each concurrent answer is
+checked equal to its serialized (solo) decode with the same seed.
+
     python benchmarks/serving.py
-    python benchmarks/serving.py --calls 40 --repeats 5
+    python benchmarks/serving.py --calls 40 --repeats 5 --callers 8 --tokens 48
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=20, help="one-token calls per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
+    parser.add_argument("--callers", type=int, default=8, help="concurrent async callers, one weighting each")
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per concurrent-section call")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="mavis-serving-"))
     os.environ["MAVIS_HOME"] = str(home)  # a registry and store of its own, before mavis_lc reads settings
@@ -78,6 +87,77 @@ def main() -> None:
     print(f"SmolLM2, two shared heads, one-token calls, {args.calls} calls x {args.repeats} runs (medians)")
     print(f"registry specs {spec_ms:.2f} ms/call, files {file_ms:.2f} ms/call: specs / files {spec_ms / file_ms:.3f}")
     print(f"registry queries per call after the first: {per_call_queries:.2f}")
+    concurrency(files, args.callers, args.tokens, args.repeats)
+
+
+QUESTIONS = [
+    "What should I cook for dinner tonight?",
+    "How do I fix a flat bicycle tyre?",
+    "Tell me something about the moon.",
+    "Why is the sky blue?",
+    "How can I sleep better?",
+    "What is a good first houseplant?",
+    "How do I write a polite complaint email?",
+    "Why do cats purr?",
+]
+
+
+def concurrency(files: list[str], callers: int, tokens: int, repeats: int) -> None:
+    """Concurrent async callers sharing batches, against the serialized path."""
+    import asyncio
+
+    from mavis_lc import ChatMavis
+
+    chat = ChatMavis(heads=files, max_tokens=tokens, min_tokens=tokens, beta=2.0)
+    calls = [
+        (
+            QUESTIONS[i % len(QUESTIONS)],
+            {"positivity": i / max(callers - 1, 1), "conciseness": 1 - i / max(callers - 1, 1)},
+            1000 + i,
+        )
+        for i in range(callers)
+    ]
+    chat.invoke("Hello", max_tokens=1, min_tokens=0)  # load
+
+    async def one(question: str, weights: dict[str, float], seed: int) -> tuple[str, int]:
+        message = await chat.ainvoke(question, weights=weights, seed=seed)
+        return str(message.content), int(message.usage_metadata["output_tokens"])  # type: ignore[index]
+
+    async def serialized() -> list[tuple[str, int]]:
+        return [await one(*c) for c in calls]
+
+    async def concurrent() -> list[tuple[str, int]]:
+        return list(await asyncio.gather(*(one(*c) for c in calls)))
+
+    scheduler = chat.engine().scheduler
+    times: dict[str, list[float]] = {"serialized": [], "concurrent": []}
+    outputs: dict[str, list[tuple[str, int]]] = {}
+    batches = rows = 0
+    for _ in range(repeats):
+        for name, run in (("serialized", serialized), ("concurrent", concurrent)):
+            before = (scheduler.stats.batches, scheduler.stats.rows)
+            start = time.perf_counter()
+            outputs[name] = asyncio.run(run())
+            times[name].append(time.perf_counter() - start)
+            if name == "concurrent":
+                batches += scheduler.stats.batches - before[0]
+                rows += scheduler.stats.rows - before[1]
+    produced = sum(n for _, n in outputs["serialized"])
+    equal = sum(a == b for a, b in zip(outputs["serialized"], outputs["concurrent"], strict=True))
+    serial_s, concurrent_s = (statistics.median(times[k]) for k in ("serialized", "concurrent"))
+    print(
+        f"\nSmolLM2, two shared heads, {callers} async callers with {callers} weightings, {tokens} new tokens each, "
+        f"{repeats} runs (medians); ChatMavis.ainvoke"
+    )
+    print(f"serialized: {produced / serial_s:.1f} tokens/s ({serial_s:.2f} s)")
+    print(
+        f"concurrent: {produced / concurrent_s:.1f} tokens/s ({concurrent_s:.2f} s), {batches / repeats:.1f} batches "
+        f"per run, {rows / max(batches, 1):.1f} rows per batch"
+    )
+    arrivals = scheduler.stats.submitted_at[-callers:]
+    print(f"spread of the last run's {callers} submissions: {(arrivals[-1] - arrivals[0]) * 1e3:.1f} ms")
+    print(f"throughput concurrent / serialized: {serial_s / concurrent_s:.2f}x")
+    print(f"concurrent answers equal to their solo decode (same seed): {equal}/{callers}")
 
 
 if __name__ == "__main__":

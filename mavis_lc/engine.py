@@ -51,12 +51,22 @@ def is_head_file(spec: str) -> bool:
     return path.suffix == ".safetensors" or path.is_file()
 
 
-def resolve_heads(specs: Sequence[str], database_url: str | None = None, registry: Any = None) -> list[HeadSource]:
+def resolve_heads(
+    specs: Sequence[str],
+    database_url: str | None = None,
+    registry: Any = None,
+    *,
+    base: BaseModel | None = None,
+    allow_other_base: bool = False,
+) -> list[HeadSource]:
     """Turn head specs into verified local files.
 
     A spec naming an existing ``.safetensors`` file is read directly; anything else is a
     registry spec (``objective``, ``objective@3``, ``objective@alias``) resolved and verified
     (sha256) through one registry (``registry``, or one opened here and closed before returning).
+    Given the loaded ``base``, ``objective`` and ``@latest`` resolve among the versions trained
+    on it (on its tokenizer alone with ``allow_other_base``), and a version named by number or
+    alias that was trained on another base is refused (`IncompatibleHeadError`).
     """
     sources: list[HeadSource] = []
     opened = None
@@ -75,7 +85,11 @@ def resolve_heads(specs: Sequence[str], database_url: str | None = None, registr
                 from mavis_lc.registry import Registry
 
                 registry = opened = Registry(database_url)
-            info = registry.resolve(spec)
+            info = registry.resolve(
+                spec,
+                tokenizer_fingerprint=base.fingerprint if base is not None else None,
+                weights_fingerprint=base.weights_fingerprint if base is not None and not allow_other_base else None,
+            )
             local = registry.fetch_artifact(info)
             sources.append(HeadSource(spec, info.objective, info.sha256, Path(local), info.version))
     finally:
@@ -174,9 +188,10 @@ def get_engine(
 ) -> MavisEngine:
     """The shared engine for this base model and these heads, loading them on first use.
 
-    Registry specs are resolved on every call; callers that decode repeatedly resolve once
-    (`resolve_heads`) and use `engine_for`."""
-    return engine_for(base_model, resolve_heads(heads, database_url), device=device, dtype=dtype)
+    Registry specs are resolved on every call, among the versions trained on the base; callers
+    that decode repeatedly resolve once (`resolve_heads`) and use `engine_for`."""
+    base = load_base_model(base_model, device=device, dtype=dtype)
+    return engine_for(base_model, resolve_heads(heads, database_url, base=base), device=device, dtype=dtype)
 
 
 def engine_for(

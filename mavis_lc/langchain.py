@@ -54,7 +54,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from mavis_lc import decoding
-from mavis_lc.base_model import PACKAGED_CONTEXT
+from mavis_lc.base_model import PACKAGED_CONTEXT, load_base_model
 from mavis_lc.engine import MavisEngine, engine_for, is_head_file, resolve_heads
 from mavis_lc.errors import ConfigurationError, DecodingParameterError
 from mavis_lc.grammar import Grammar
@@ -261,7 +261,10 @@ class _MavisParams(BaseModel):
                 specs = presets[self.preset][1]
             else:
                 specs = sorted(self.weights)
-            sources = resolve_heads(specs, self.database_url, registry=registry)
+            base = load_base_model(self.base_model, device=self.device, dtype=self.dtype) if registry else None
+            sources = resolve_heads(
+                specs, self.database_url, registry=registry, base=base, allow_other_base=self.allow_other_base
+            )
         finally:
             if registry is not None:
                 registry.close()

@@ -18,10 +18,12 @@ and, once every request of a batch is finished or cancelled, the batch stops.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +69,7 @@ class _Request:
     config: DecodeConfig
     sink: _Sink
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
     remaining: int = 0
     """Rows not yet finished."""
 
@@ -91,6 +94,19 @@ class SchedulerStats:
     """Most rows decoded together."""
     merged_batches: int = 0
     """Batches that held more than one request."""
+    submitted_at: list[float] = field(default_factory=list)
+    """`time.monotonic` of the latest submissions (at most 64), to see how requests arrive."""
+
+
+_SCHEDULERS: weakref.WeakSet[BatchScheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Let every decoding thread finish its batch and exit before the interpreter does (a thread
+    killed inside a torch call at exit aborts the process)."""
+    for scheduler in list(_SCHEDULERS):
+        scheduler.close(timeout=5.0)
 
 
 class BatchScheduler:
@@ -112,7 +128,20 @@ class BatchScheduler:
         self.idle_s = idle_s
         """The decoding thread exits after this long without work (and starts again on demand)."""
         self.stats = SchedulerStats()
+        self._closing = False
         self._reset()
+        _SCHEDULERS.add(self)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the decoding thread once the queue is empty (waiting up to ``timeout`` seconds);
+        a later request starts it again."""
+        with self._lock():
+            self._closing = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._closing = False
 
     def _reset(self) -> None:
         self._pid = os.getpid()
@@ -233,6 +262,7 @@ class BatchScheduler:
                 )
             self._queue.append(request)
             self.stats.requests += 1
+            self.stats.submitted_at = [*self.stats.submitted_at[-63:], time.monotonic()]
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="mavis-batch-scheduler", daemon=True)
                 self._thread.start()
@@ -260,13 +290,15 @@ class BatchScheduler:
                     self._queue.popleft().sink.put(_END)
                 if self._queue:
                     break
-                if not self._cond.wait(timeout=self.idle_s) and not self._queue:
+                if self._closing or (not self._cond.wait(timeout=self.idle_s) and not self._queue):
                     self._thread = None
                     return None
             first = self._queue.popleft()
             key = first.key
             if self.batch_wait_s > 0:
-                deadline = time.monotonic() + self.batch_wait_s
+                # Counted from the first request's arrival: one that already waited through a
+                # batch starts at once with whatever else is queued.
+                deadline = first.submitted + self.batch_wait_s
                 while self._rows_like(key) + len(first.prompts) < self.max_batch_size:
                     left = deadline - time.monotonic()
                     if left <= 0:

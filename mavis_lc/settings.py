@@ -52,9 +52,10 @@ class Settings(BaseSettings):
     request with more prompts runs alone, in one batch of its own size)."""
     max_queue: int = Field(default=256, ge=1)
     """Most requests waiting for one engine; a request past it gets `EngineBusyError`."""
-    batch_wait_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
-    """How long an idle engine waits for more requests before starting a batch (0: starts at
-    once; requests that arrive meanwhile join the next batch)."""
+    batch_wait_ms: float = Field(default=10.0, ge=0.0, le=1000.0)
+    """How long a request that finds its engine idle waits for others to join its batch (0:
+    starts at once; requests that arrive while a batch decodes join the next one, without
+    waiting). Concurrent callers' requests arrive spread over a few milliseconds."""
 
     def resolved_database_url(self) -> str:
         if self.database_url is not None:

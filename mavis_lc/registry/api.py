@@ -91,6 +91,8 @@ class VersionInfo:
     training_job_id: str | None
     created_at: datetime
     parents: tuple[int, ...] = ()
+    base_weights_fingerprint: str | None = None
+    """The base's weights fingerprint the head was trained on; None where it was not recorded."""
 
     @property
     def spec(self) -> str:
@@ -133,6 +135,7 @@ class VersionInfo:
             training_job_id=row.training_job_id,
             created_at=_aware(row.created_at) or row.created_at,
             parents=tuple(sorted(parent.id for parent in row.parents)),
+            base_weights_fingerprint=row.base_weights_fingerprint,
         )
 
 
@@ -344,9 +347,13 @@ class Registry:
         parents: Sequence[int] = (),
         training_job_id: str | None = None,
         status: str = "ready",
+        base_weights_fingerprint: str | None = None,
     ) -> VersionInfo:
         """Store ``artifact`` (a .safetensors path or its bytes) and register it as the next
         version of ``objective`` (created if new), in one transaction.
+
+        ``base_weights_fingerprint`` defaults to the one the head artifact records, so that
+        ``objective``, ``@latest`` resolve among versions trained on the loaded base.
 
         Version numbers are allocated by incrementing the objective row's counter, which locks
         that row until commit on PostgreSQL and takes the write lock on SQLite, so concurrent
@@ -385,6 +392,8 @@ class Registry:
             if existing is not None:
                 return existing
 
+        if base_weights_fingerprint is None:
+            base_weights_fingerprint = _recorded_weights_fingerprint(artifact)
         stored, created = self.store.put_new(artifact)
         columns = {
             "status": status,
@@ -393,6 +402,7 @@ class Registry:
             "size_bytes": stored.size_bytes,
             "base_model_id": base_model_id,
             "tokenizer_fingerprint": tokenizer_fingerprint,
+            "base_weights_fingerprint": base_weights_fingerprint or None,
             "iteration": iteration,
             **fields,
         }
@@ -491,34 +501,57 @@ class Registry:
             selectinload(ValueHeadVersion.objective), selectinload(ValueHeadVersion.parents)
         )
 
-    def resolve(self, spec: str | HeadSpec) -> VersionInfo:
+    def resolve(
+        self,
+        spec: str | HeadSpec,
+        *,
+        tokenizer_fingerprint: str | None = None,
+        weights_fingerprint: str | None = None,
+    ) -> VersionInfo:
         """The version a spec names: ``objective`` / ``objective@latest`` (newest ready version),
         ``objective@3``, or ``objective@alias``. Archived versions resolve only when named by
         number or alias.
+
+        Given the loaded base's fingerprints, ``objective`` and ``@latest`` mean the newest
+        ready version trained on that base (same tokenizer and, where both are recorded, the
+        same weights; ``weights_fingerprint=None`` accepts any weights), and a version named by
+        number or alias is checked against it.
 
         Raises:
             SpecError: the spec is malformed.
             NotFoundError: no such objective, version or alias (the message lists what exists),
                 or the objective has no ready version.
+            IncompatibleHeadError: no ready version was trained on the given base, or the named
+                one was trained on another (the message names both).
             RegistryError: the named version is pending or failed.
         """
         with self._sessions() as session:
-            return VersionInfo.from_row(self._resolve_row(session, spec))
+            return VersionInfo.from_row(self._resolve_row(session, spec, (tokenizer_fingerprint, weights_fingerprint)))
 
-    def _resolve_row(self, session: Session, spec: str | HeadSpec) -> ValueHeadVersion:
+    def _resolve_row(
+        self, session: Session, spec: str | HeadSpec, base: tuple[str | None, str | None] = (None, None)
+    ) -> ValueHeadVersion:
         head = spec if isinstance(spec, HeadSpec) else parse_spec(spec)
         objective = self._objective_row(session, head.objective)
         query = self._version_query().where(ValueHeadVersion.objective_id == objective.id)
         if head.selector is None or head.selector == LATEST:
-            row = session.scalar(
-                query.where(ValueHeadVersion.status == "ready").order_by(ValueHeadVersion.version.desc()).limit(1)
-            )
-            if row is None:
+            rows = session.scalars(
+                query.where(ValueHeadVersion.status == "ready").order_by(ValueHeadVersion.version.desc())
+            ).all()
+            if not rows:
                 raise NotFoundError(
                     f"objective {objective.name!r} has no ready version; versions: "
                     f"{self._describe_versions(session, objective.id)}"
                 )
-            return row
+            for row in rows:
+                if _trained_on(row, base):
+                    return row
+            listed = "; ".join(f"{r.version}: {_describe_base(r)}" for r in rows)
+            raise IncompatibleHeadError(
+                f"objective {objective.name!r} has no ready version trained on the loaded base "
+                f"({_describe_fingerprints(*base)}); ready versions: {listed}. Train one for this base, "
+                "or pass allow_other_base=True to use a version trained on other weights with this tokenizer"
+            )
         if isinstance(head.selector, int):
             row = session.scalar(query.where(ValueHeadVersion.version == head.selector))
             if row is None:
@@ -536,6 +569,12 @@ class Registry:
             assert row is not None  # the foreign key guarantees it
         if row.status not in LOADABLE_STATUSES:
             raise RegistryError(f"{objective.name}@{row.version} is {row.status}, not loadable")
+        if not _trained_on(row, base):
+            raise IncompatibleHeadError(
+                f"{head} resolves to {objective.name}@{row.version}, trained on {_describe_base(row)}; "
+                f"the loaded base has {_describe_fingerprints(*base)}. Retrain it for this base, or pass "
+                "allow_other_base=True to transfer it deliberately (same tokenizer only)"
+            )
         return row
 
     @staticmethod
@@ -887,3 +926,34 @@ class Registry:
 
 def _order(row: ValueHeadVersion) -> tuple[str, int]:
     return (row.objective.name, row.version)
+
+
+def _trained_on(row: ValueHeadVersion, base: tuple[str | None, str | None]) -> bool:
+    """Whether ``row`` was trained on a base with these (tokenizer, weights) fingerprints; a
+    fingerprint not given, or not recorded with the version, does not rule it out."""
+    tokenizer, weights = base
+    if tokenizer is not None and row.tokenizer_fingerprint != tokenizer:
+        return False
+    return weights is None or not row.base_weights_fingerprint or row.base_weights_fingerprint == weights
+
+
+def _describe_fingerprints(tokenizer: str | None, weights: str | None) -> str:
+    parts = [f"tokenizer {tokenizer[:12]}" if tokenizer else "", f"weights {weights[:12]}" if weights else ""]
+    return ", ".join(p for p in parts if p) or "no fingerprint"
+
+
+def _describe_base(row: ValueHeadVersion) -> str:
+    fingerprints = _describe_fingerprints(row.tokenizer_fingerprint, row.base_weights_fingerprint)
+    return f"base {row.base_model_id!r} ({fingerprints})"
+
+
+def _recorded_weights_fingerprint(artifact: ArtifactSource) -> str | None:
+    """The base weights fingerprint a head artifact records, if it is one that records it."""
+    from mavis_lc.errors import ModelLoadError
+    from mavis_lc.value_model import read_head_config
+
+    try:
+        config, _ = read_head_config(artifact if isinstance(artifact, bytes) else Path(artifact))
+    except (ModelLoadError, OSError, ValueError):
+        return None
+    return config.base_weights_fingerprint or None

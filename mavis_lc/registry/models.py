@@ -103,6 +103,8 @@ class ValueHeadVersion(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     base_model_id: Mapped[str] = mapped_column(String(512))
     tokenizer_fingerprint: Mapped[str] = mapped_column(String(128))
+    base_weights_fingerprint: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """`BaseModel.weights_fingerprint` of the base the head was trained on (NULL: not recorded)."""
     architecture: Mapped[dict[str, Any]]
     iteration: Mapped[int] = mapped_column(Integer)
     training_params: Mapped[dict[str, Any]]

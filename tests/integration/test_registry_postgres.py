@@ -69,7 +69,7 @@ def test_registry_uses_psycopg3(postgres_url: str) -> None:
 
 
 def test_migrations_up_check_down_on_postgres(postgres_url: str) -> None:
-    assert check(postgres_url) == ["database is at revision (none), the newest is 0001"]
+    assert check(postgres_url) == ["database is at revision (none), the newest is 0002"]
     upgrade(postgres_url)
     assert check(postgres_url) == []
     upgrade(postgres_url)  # idempotent
@@ -85,7 +85,7 @@ def test_migrations_up_check_down_on_postgres(postgres_url: str) -> None:
 
 def test_migrations_up_and_check_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'registry.db'}"
-    assert check(url) == ["database is at revision (none), the newest is 0001"]
+    assert check(url) == ["database is at revision (none), the newest is 0002"]
     upgrade(url)
     assert check(url) == []
 

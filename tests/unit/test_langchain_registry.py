@@ -148,3 +148,33 @@ def test_seed_none_gives_fresh_samples_and_a_fixed_seed_repeats(base: BaseModel,
     llm = MavisLLM(base_model=str(tiny_model_dir), max_tokens=12)
     assert len({llm.invoke("Hello") for _ in range(4)}) > 1
     assert len({llm.invoke("Hello", seed=7) for _ in range(3)}) == 1
+
+
+def test_latest_and_aliases_resolve_among_versions_trained_on_the_loaded_base(
+    base: BaseModel, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.tiny import build_tiny_model
+
+    other_dir = build_tiny_model(tmp_path / "sibling", seed=1)  # same tokenizer, other weights
+    other = load_base_model(str(other_dir))
+    registry = Registry()
+    mine = register(registry, base, "positivity", 1)
+    theirs = register(registry, other, "positivity", 2)  # the newest version, for the sibling base
+    assert registry.resolve("positivity@2").base_weights_fingerprint == other.weights_fingerprint
+    registry.set_alias("positivity", "prod", theirs)
+
+    llm = MavisLLM(base_model=str(tiny_model_dir), heads=["positivity"], max_tokens=4, seed=0)
+    heads = llm.generate(["Hello"]).generations[0][0].generation_info["heads"]  # type: ignore[index]
+    assert heads[0]["version"] == mine  # @latest among this base's versions, not the newest overall
+    sibling = MavisLLM(base_model=str(other_dir), heads=["positivity@latest"], max_tokens=4, seed=0)
+    assert sibling.generate(["Hello"]).generations[0][0].generation_info["heads"][0]["version"] == theirs  # type: ignore[index]
+
+    pinned = MavisLLM(base_model=str(tiny_model_dir), heads=["positivity@prod"], max_tokens=4)
+    with pytest.raises(IncompatibleHeadError, match=r"positivity@2, trained on base .*sibling.*allow_other_base"):
+        pinned.invoke("Hello")
+    transfer = pinned.model_copy(update={"allow_other_base": True})
+    assert transfer.generate(["Hello"]).generations[0][0].generation_info["heads"][0]["version"] == theirs  # type: ignore[index]
+
+    register(registry, other, "conciseness", 3)  # trained on the sibling only
+    with pytest.raises(IncompatibleHeadError, match="'conciseness' has no ready version trained on the loaded base"):
+        MavisLLM(base_model=str(tiny_model_dir), heads=["conciseness"], max_tokens=4).invoke("Hello")

@@ -39,9 +39,9 @@ def registry(mavis_home: Path) -> Registry:
 def test_db_upgrade_then_check(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     code, output = invoke("db", "check", "--url", url)
-    assert code == 1 and "database is at revision (none), the newest is 0001" in output
+    assert code == 1 and "database is at revision (none), the newest is 0002" in output
     code, output = invoke("db", "upgrade", "--url", url)
-    assert code == 0 and "revision 0001" in output
+    assert code == 0 and "revision 0002" in output
     code, output = invoke("db", "check", "--url", url)
     assert code == 0 and "no differences" in output
 
