@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,3 +74,23 @@ def test_four_rows_with_four_weightings_match_decoding_each_alone(smollm2: BaseM
     alone = [decoder.generate([p], w, cfg)[0] for p, w in zip(prompts, rows, strict=True)]
     assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
     assert [g.text for g in batched] == [g.text for g in alone]
+
+
+async def test_eight_concurrent_async_callers_share_batches_and_equal_their_solo_decodes(
+    smollm2: BaseModel, tmp_path: Path
+) -> None:
+    from mavis_lc import ChatMavis
+
+    files = []
+    for i, objective in enumerate(("positivity", "brevity")):
+        files.append(str(random_head(smollm2, objective, 20 + i).save(tmp_path / f"{objective}.safetensors")))
+    chat = ChatMavis(heads=files, max_tokens=16, beta=2.0)
+    calls = [(QUESTIONS[i % 4], {"positivity": i / 7, "brevity": 1 - i / 7}, 500 + i) for i in range(8)]
+    solo = [chat.invoke(q, weights=w, seed=s) for q, w, s in calls]
+    scheduler = chat.engine().scheduler
+    before = scheduler.stats.batches
+    merged = await asyncio.gather(*(chat.ainvoke(q, weights=w, seed=s) for q, w, s in calls))
+    assert [m.content for m in merged] == [m.content for m in solo]
+    assert [m.response_metadata["weights"] for m in merged] == [w for _, w, _ in calls]
+    assert scheduler.stats.batches - before <= 2  # shared batches, not eight decodes
+    assert scheduler.stats.largest_batch >= 4
