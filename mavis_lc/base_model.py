@@ -42,6 +42,15 @@ class BaseModel:
     """Identity recorded with value heads: ``smollm2-135m-instruct``, a directory name, or a hub id."""
     fingerprint: str
     """sha256 of the tokenizer's vocabulary and special tokens (see `tokenizer_fingerprint`)."""
+    logit_transform: LogitTransform | None = None
+    """What the model's own forward does to the LM head's output (a scale, a softcap), applied
+    by `logits`; None when it does nothing. Set and checked at load (`logit_transform_of`)."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from final hidden states (..., d) -> (..., V), exactly as the
+        model's own forward computes them: its LM head, then its post-processing."""
+        logits = self.model.get_output_embeddings()(hidden)
+        return logits if self.logit_transform is None else self.logit_transform(logits)
 
     @functools.cached_property
     def weights_fingerprint(self) -> str:
@@ -95,6 +104,64 @@ class BaseModel:
             elif isinstance(value, (list, tuple)):
                 ids.update(int(v) for v in value)
         return sorted(ids)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """A family's post-processing of the LM head's output, in the order its forward applies
+    them: ``* logit_scale`` (Cohere), ``/ logits_scaling`` (Granite), then the final softcap
+    ``cap * tanh(x / cap)`` (Gemma 2 and 3)."""
+
+    scale: float | None = None
+    divide: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_transform_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LogitTransform | None:
+    """The post-processing ``model``'s forward applies to its LM head's output, checked against
+    that forward on a short input: the decoder computes logits from the backbone's hidden states
+    (which the value heads read), so it must reproduce the model's own distribution exactly.
+
+    Raises:
+        ModelLoadError: the model's logits differ from LM head + the known post-processing (a
+            family whose post-processing is not handled), naming the largest difference.
+    """
+    config = model.config
+    scale = getattr(model, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    transform = LogitTransform(
+        scale=float(scale) if isinstance(scale, (int, float)) and scale != 1 else None,
+        divide=float(divide) if isinstance(divide, (int, float)) and divide != 1 else None,
+        softcap=float(softcap) if isinstance(softcap, (int, float)) and softcap else None,
+    )
+    found = transform if transform != LogitTransform() else None
+    ids = tokenizer("Hello, how are you today?", return_tensors="pt")["input_ids"][:, :8].to(
+        next(model.parameters()).device
+    )
+    with torch.inference_mode():
+        reference = model(input_ids=ids, use_cache=False).logits[:, -1].float()  # (1, V)
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]  # (1, d)
+        ours = model.get_output_embeddings()(hidden)
+        ours = (ours if found is None else found(ours)).float()
+    gap = float((ours - reference).abs().max())
+    exact = torch.finfo(next(model.parameters()).dtype).eps ** 0.5  # fp32 about 3e-4, bf16 about 0.09
+    if gap > exact * (1.0 + float(reference.abs().max())):
+        raise ModelLoadError(
+            f"{type(model).__name__} post-processes its logits in a way mavis-lc does not reproduce (largest "
+            f"difference from its own forward {gap:.3g}; handled: logit_scale, logits_scaling, "
+            "final_logit_softcapping); decoding it would not sample the model's own distribution"
+        )
+    return found
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -189,7 +256,7 @@ def _load(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(model, tokenizer, model_id, tokenizer_fingerprint(tokenizer))
+    return BaseModel(model, tokenizer, model_id, tokenizer_fingerprint(tokenizer), logit_transform_of(model, tokenizer))
 
 
 def packaged_gguf_path() -> Path:

@@ -211,7 +211,6 @@ class MavisDecoder:
         self.heads = list(heads)
         self.objectives = names
         self._backbone = base.model.base_model  # the decoder stack, final norm included
-        self._lm_head = base.model.get_output_embeddings()
         self._tap_layers = sorted({h.tap_layer for h in self.heads if h.tap_layer is not None})
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
@@ -345,7 +344,7 @@ class MavisDecoder:
                         no_eos[b, ban] = False
         for step in range(max(max_new)):
             with torch.inference_mode():
-                logits = self._lm_head(hidden)  # (B, V)
+                logits = self.base.logits(hidden)  # (B, V) the model's own head and post-processing
                 if no_eos is not None:
                     for b, m in enumerate(min_new):
                         if m and step == m:  # row b may end from now on

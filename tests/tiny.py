@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -80,3 +81,41 @@ def save_random_heads(model_dir: Path, names: list[str], folder: Path, *, seed: 
                 p.copy_(torch.randn(p.shape, generator=generator))
         paths.append(str(head.save(folder / f"{name}.safetensors")))
     return paths
+
+
+def build_tiny_family(directory: Path, family: str, *, seed: int = 0) -> Path:
+    """Save a 2-layer random model of ``family`` (``llama``, ``cohere``: logit_scale, ``gemma2``:
+    final-logit softcapping) with the tiny tokenizer to ``directory``; returns it. The
+    post-processing is set strong enough that ignoring it changes what is sampled."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    if family == "llama":
+        return build_tiny_model(directory, seed=seed)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "tie_word_embeddings": False,
+    }
+    model: Any
+    if family == "cohere":
+        model = CohereForCausalLM(CohereConfig(**common, logit_scale=6.0))
+    elif family == "gemma2":
+        config = Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0, query_pre_attn_scalar=8)
+        model = Gemma2ForCausalLM(config)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

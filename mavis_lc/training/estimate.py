@@ -70,12 +70,11 @@ def estimate_rollouts(
     state = KVBatch(base.model.base_model, base.model.get_input_embeddings())
     state.prefill(enc["input_ids"].to(base.device), enc["attention_mask"].to(base.device))
     state.select(torch.arange(rows, device=base.device) % len(batch))
-    lm_head = base.model.get_output_embeddings()
     token = torch.zeros(rows, dtype=torch.long, device=base.device)
     elapsed = 0.0
     for step in range(steps + 1):
         started = time.perf_counter()
-        token = lm_head(state.hidden).float().topk(config.top_k, dim=-1).indices[:, 0]  # (rows,)
+        token = base.logits(state.hidden).float().topk(config.top_k, dim=-1).indices[:, 0]  # (rows,)
         state.feed(token)
         if step:  # the first step warms up kernels and allocations
             elapsed += time.perf_counter() - started

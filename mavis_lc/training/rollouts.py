@@ -387,7 +387,6 @@ def _sample_batch(
         head.begin(
             input_ids, attention_mask, state.prefill_taps.get(head.tap_layer) if head.tap_layer is not None else None
         )
-    lm_head = base.model.get_output_embeddings()
     eos = torch.tensor(base.eos_token_ids, device=device, dtype=torch.long)
     plans = [_plan_tree(_plan_rng(config, iteration, first_prompt + t), config) for t in range(len(prompts))]
     offsets = list(itertools.accumulate((len(plan.parent) for plan in plans), initial=0))  # global node ids
@@ -419,7 +418,7 @@ def _sample_batch(
         rank = [plans[t].forced[n] for t, n, _ in rows]
         forced = torch.tensor(rank, device=device).masked_fill(count > 0, -1)  # (R,) only a node's first token
         tokens, log_ratio, log_z_k, log_prob = _sample_step(
-            lm_head(hidden),
+            base.logits(hidden),
             hidden,
             heads,
             beta=config.beta,
