@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -164,6 +165,18 @@ def logit_transform_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return found
 
 
+@functools.cache
+def _cache_keyword(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters  # type: ignore[attr-defined]
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(module: torch.nn.Module, cache: object) -> dict[str, object]:
+    """The keyword argument that passes a KV cache to ``module``'s forward: ``cache`` where
+    transformers names it so (``past_key_values`` is deprecated there), else ``past_key_values``."""
+    return {_cache_keyword(cast(Any, type(module))): cache}
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 over the vocabulary (token -> id) and the special tokens, as hex.
 
@@ -203,8 +216,66 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[name]
 
 
-_CACHE: dict[tuple[str, str, str, bool], BaseModel] = {}
+_CACHE: dict[tuple[str, str, str, bool, LoadOptions], BaseModel] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a base model's weights are loaded, passed to transformers' ``from_pretrained`` (the
+    options `HuggingFacePipeline.from_model_id` users know). Part of the process cache key."""
+
+    revision: str | None = None
+    """A hub revision (branch, tag or commit) for a hub id; pin one so heads keep their base."""
+    device_map: str | None = None
+    """``auto``, ``balanced``, ``sequential`` or a device; default: the resolved device. The
+    weights load straight onto it, never first on the CPU."""
+    attn_implementation: str | None = None
+    """``eager``, ``sdpa``, ``flash_attention_2``...; default transformers' choice."""
+    quantization_config: str | None = None
+    """A JSON object, as transformers' quantization config dict (e.g. bitsandbytes 4-bit);
+    needs the quantization package and usually a GPU."""
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        revision: str | None = None,
+        device_map: str | None = None,
+        attn_implementation: str | None = None,
+        quantization_config: dict[str, Any] | str | None = None,
+    ) -> LoadOptions:
+        """Options from plain values (a quantization config as a dict or its JSON)."""
+        if isinstance(quantization_config, dict):
+            quantization_config = json.dumps(quantization_config, sort_keys=True)
+        for name, value in (
+            ("revision", revision),
+            ("device_map", device_map),
+            ("attn_implementation", attn_implementation),
+        ):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigurationError(f"{name} must be a non-empty string or None, got {value!r}")
+        return cls(revision, device_map, attn_implementation, quantization_config)
+
+    def kwargs(self, device: torch.device) -> dict[str, Any]:
+        """``from_pretrained`` keyword arguments."""
+        out: dict[str, Any] = {"device_map": self.device_map or str(device)}
+        if self.revision:
+            out["revision"] = self.revision
+        if self.attn_implementation:
+            out["attn_implementation"] = self.attn_implementation
+        if self.quantization_config:
+            out["quantization_config"] = _quantization_config(json.loads(self.quantization_config))
+        return out
+
+
+def _quantization_config(data: dict[str, Any]) -> Any:
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    try:
+        return AutoQuantizationConfig.from_dict(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"quantization_config {data!r} is not one transformers knows: {exc}") from exc
 
 
 def load_base_model(
@@ -213,6 +284,7 @@ def load_base_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool | None = None,
+    options: LoadOptions | None = None,
 ) -> BaseModel:
     """Load (once per process) a frozen base model in eval mode.
 
@@ -221,9 +293,11 @@ def load_base_model(
             directory, or a hub id (only where a hub is reachable). Default: ``MAVIS_BASE_MODEL``.
         device, dtype: see `resolve_device` / `resolve_dtype`.
         trust_remote_code: run model code from the directory; default ``MAVIS_TRUST_REMOTE_CODE`` (off).
+        options: `LoadOptions` (revision, device_map, attention implementation, quantization).
 
     Raises:
-        ModelLoadError: the model or its tokenizer cannot be loaded.
+        ModelLoadError: the model or tokenizer cannot be loaded, or the family post-processes
+            its logits in a way that is not reproduced (`logit_transform_of`).
         ConfigurationError: unknown device or dtype.
     """
     settings = get_settings()
@@ -231,14 +305,15 @@ def load_base_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     trust = settings.trust_remote_code if trust_remote_code is None else trust_remote_code
-    key = (name, str(torch_device), str(torch_dtype), trust)
+    opts = options or LoadOptions()
+    key = (name, str(torch_device), str(torch_dtype), trust, opts)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _load(name, torch_device, torch_dtype, trust)
+            _CACHE[key] = _load(name, torch_device, torch_dtype, trust, opts)
         return _CACHE[key]
 
 
-def _load(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> BaseModel:
+def _load(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, opts: LoadOptions) -> BaseModel:
     if name == PACKAGED_BASE_MODEL:
         directory: str = str(packaged_smollm2_dir())
         model_id = PACKAGED_BASE_MODEL
@@ -246,11 +321,13 @@ def _load(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code
         directory = name
         model_id = Path(name).name if Path(name).is_dir() else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+        revision = {"revision": opts.revision} if opts.revision else {}
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, trust_remote_code=trust_remote_code, **opts.kwargs(device)
+        )
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load base model {name!r}: {exc}") from exc
-    model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     tokenizer.padding_side = "left"

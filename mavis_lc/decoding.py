@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache
 
-from mavis_lc.base_model import BaseModel
+from mavis_lc.base_model import BaseModel, with_cache
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
 from mavis_lc.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
 from mavis_lc.separate_backbone import LayerTap
@@ -328,7 +328,7 @@ class MavisDecoder:
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=cache,
+                    **with_cache(self._backbone, cache),
                     use_cache=True,
                 ).last_hidden_state  # (B, P, d)
             for head in self.heads:  # after the prefill: side branches read its layer inputs
@@ -402,7 +402,7 @@ class MavisDecoder:
                         input_ids=out.tokens[:, None],
                         attention_mask=attention_mask,
                         position_ids=next_position[:, None],
-                        past_key_values=cache,
+                        **with_cache(self._backbone, cache),
                         use_cache=True,
                     ).last_hidden_state[:, -1]  # (B, d)
                 for head in self.heads:

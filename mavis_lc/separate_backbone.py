@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
 
-from mavis_lc.base_model import BaseModel
+from mavis_lc.base_model import BaseModel, with_cache
 from mavis_lc.errors import ConfigurationError, ModelLoadError
 from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel, frozen, prompt_mean
 
@@ -116,7 +116,7 @@ class KVBatch:
                 inputs_embeds=self.embed(input_ids),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=self.cache,
+                **with_cache(self.backbone, self.cache),
                 use_cache=True,
             )
         self.attention_mask = attention_mask
@@ -136,7 +136,7 @@ class KVBatch:
                 inputs_embeds=self.embed(token_ids[:, None]),
                 attention_mask=self.attention_mask,
                 position_ids=self.next_position[:, None],
-                past_key_values=self.cache,
+                **with_cache(self.backbone, self.cache),
                 use_cache=True,
             )
         self.hidden = torch.where(took[:, None], out.last_hidden_state[:, -1], self.hidden)  # (B, d)
@@ -173,7 +173,7 @@ class KVBatch:
             inputs_embeds=embeds,
             attention_mask=mask[:, None],  # (B, 1, k, L+k) additive
             position_ids=self.next_position[:, None].expand(batch, k),
-            past_key_values=self.cache,
+            **with_cache(self.backbone, self.cache),
             use_cache=True,
         )
         self.cache.crop(-k)
