@@ -24,7 +24,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mavis_lc.base_model import load_base_model
 from mavis_lc.errors import ConfigurationError, MavisError
 from mavis_lc.jobs import cancel, submit_training, wait
 from mavis_lc.registry import JobInfo, Registry
@@ -124,7 +123,7 @@ def _print_estimate(config: TrainingConfig, budget_minutes: float | None) -> Non
     config.validate()
     if config.prompts is None:
         return  # submit_training names the missing prompts
-    base = load_base_model(config.base_model, device=config.device)
+    base = config.load_base()
     prompts = format_prompts(base.tokenizer, load_prompts(config.prompts, config.max_prompts), config.chat_template)
     estimate = estimate_rollouts(base, prompts, config)
     if rollout_cache_path(config, base, prompts).is_file():

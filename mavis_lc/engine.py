@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mavis_lc.base_model import BaseModel, load_base_model
+from mavis_lc.base_model import BaseModel, LoadOptions, load_base_model
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder, StreamStep
 from mavis_lc.errors import ModelLoadError
 from mavis_lc.grammar import Grammar
@@ -185,13 +185,16 @@ def get_engine(
     device: str | None = None,
     dtype: str | None = None,
     database_url: str | None = None,
+    options: LoadOptions | None = None,
+    trust_remote_code: bool | None = None,
 ) -> MavisEngine:
     """The shared engine for this base model and these heads, loading them on first use.
 
     Registry specs are resolved on every call, among the versions trained on the base; callers
     that decode repeatedly resolve once (`resolve_heads`) and use `engine_for`."""
-    base = load_base_model(base_model, device=device, dtype=dtype)
-    return engine_for(base_model, resolve_heads(heads, database_url, base=base), device=device, dtype=dtype)
+    load = {"device": device, "dtype": dtype, "options": options, "trust_remote_code": trust_remote_code}
+    base = load_base_model(base_model, **load)  # type: ignore[arg-type]
+    return engine_for(base_model, resolve_heads(heads, database_url, base=base), **load)  # type: ignore[arg-type]
 
 
 def engine_for(
@@ -201,13 +204,18 @@ def engine_for(
     device: str | None = None,
     dtype: str | None = None,
     allow_other_base: bool = False,
+    options: LoadOptions | None = None,
+    trust_remote_code: bool | None = None,
 ) -> MavisEngine:
-    """The shared engine for this base model and these resolved heads (keyed by the heads'
-    sha256s), loading it on first use. At most ``MAVIS_ENGINE_CACHE_SIZE`` engines are kept,
-    the least recently used dropped first (an object holding one keeps it alive)."""
-    base = load_base_model(base_model, device=device, dtype=dtype)
+    """The shared engine for this base model (loaded with ``options``) and these resolved heads
+    (keyed by the loaded base and the heads' sha256s), loading it on first use. At most
+    ``MAVIS_ENGINE_CACHE_SIZE`` engines are kept, the least recently used dropped first (an
+    object holding one keeps it alive)."""
+    base = load_base_model(base_model, device=device, dtype=dtype, options=options, trust_remote_code=trust_remote_code)
     heads = tuple(sorted(s.sha256 for s in sources))
-    key = (base.model_id, str(base.device), str(base.dtype), heads, allow_other_base)
+    # Loaded bases are kept for the process's life, so the object's identity names it: two
+    # directories with the same folder name, or one model with other load options, differ.
+    key = (id(base), heads, allow_other_base)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:

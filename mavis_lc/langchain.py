@@ -54,7 +54,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from mavis_lc import decoding
-from mavis_lc.base_model import PACKAGED_CONTEXT, load_base_model
+from mavis_lc.base_model import PACKAGED_CONTEXT, LoadOptions, load_base_model
 from mavis_lc.engine import MavisEngine, engine_for, is_head_file, resolve_heads
 from mavis_lc.errors import ConfigurationError, DecodingParameterError
 from mavis_lc.grammar import Grammar
@@ -77,7 +77,10 @@ ROW_PARAMS = ("weights", "seed")
 """Call parameters that ``batch`` accepts per input: a list aligned with the inputs."""
 
 
-_RESOLVING_FIELDS = frozenset({"base_model", "heads", "preset", "database_url", "device", "dtype", "allow_other_base"})
+_LOAD_FIELDS = ("revision", "device_map", "attn_implementation", "quantization_config", "trust_remote_code")
+_RESOLVING_FIELDS = frozenset(
+    {"base_model", "heads", "preset", "database_url", "device", "dtype", "allow_other_base", *_LOAD_FIELDS}
+)
 
 
 @dataclass
@@ -144,6 +147,18 @@ class _MavisParams(BaseModel):
     """``auto``, ``cpu``, ``cuda``...; default ``MAVIS_DEVICE``."""
     dtype: str | None = None
     """``auto``, ``float32``, ``bfloat16``, ``float16``; default ``MAVIS_DTYPE``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a base model given as a hub id."""
+    device_map: str | None = None
+    """transformers' ``device_map`` (``auto``, ``balanced``, a device); default: ``device``. The
+    weights load straight onto it."""
+    attn_implementation: str | None = None
+    """``eager``, ``sdpa``, ``flash_attention_2``...; default transformers' choice."""
+    quantization_config: dict[str, Any] | None = None
+    """A transformers quantization config as a dict (e.g. ``{"quant_method": "bitsandbytes",
+    "load_in_4bit": True}``); needs that package and usually a GPU."""
+    trust_remote_code: bool | None = None
+    """Run model code shipped with the base model; default ``MAVIS_TRUST_REMOTE_CODE`` (off)."""
     database_url: str | None = None
     """Registry database for specs and presets; default ``MAVIS_DATABASE_URL``."""
     allow_other_base: bool = False
@@ -261,18 +276,31 @@ class _MavisParams(BaseModel):
                 specs = presets[self.preset][1]
             else:
                 specs = sorted(self.weights)
-            base = load_base_model(self.base_model, device=self.device, dtype=self.dtype) if registry else None
+            base = load_base_model(self.base_model, **self._load_kwargs()) if registry else None
             sources = resolve_heads(
                 specs, self.database_url, registry=registry, base=base, allow_other_base=self.allow_other_base
             )
         finally:
             if registry is not None:
                 registry.close()
-        engine = engine_for(
-            self.base_model, sources, device=self.device, dtype=self.dtype, allow_other_base=self.allow_other_base
-        )
+        engine = engine_for(self.base_model, sources, allow_other_base=self.allow_other_base, **self._load_kwargs())
         resolution = self._resolved.value = _Resolution(engine=engine, presets=presets, at=time.monotonic())
         return resolution
+
+    def _load_kwargs(self) -> dict[str, Any]:
+        """How this object's base model loads: device, dtype, `LoadOptions`, remote code."""
+        options = LoadOptions.of(
+            revision=self.revision,
+            device_map=self.device_map,
+            attn_implementation=self.attn_implementation,
+            quantization_config=self.quantization_config,
+        )
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "options": options,
+            "trust_remote_code": self.trust_remote_code,
+        }
 
     def _default_weights(self, engine: MavisEngine, preset: str | None) -> dict[str, float]:
         if self.weights:

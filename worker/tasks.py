@@ -423,7 +423,6 @@ def sample_shard(job_id: str, first_prompt: int, end_prompt: int, registry: Regi
     """Sample the iteration-0 trees of prompts ``[first_prompt, end_prompt)`` of the job and put
     them in the artifact store. Returns ``{"uri", "sha256", "first_prompt"}``, or ``{}`` when
     the job is no longer queued (cancelled or finished)."""
-    from mavis_lc.base_model import load_base_model
     from mavis_lc.training import format_prompts, load_prompts, sample_trees
 
     owned_registry = registry is None
@@ -435,7 +434,7 @@ def sample_shard(job_id: str, first_prompt: int, end_prompt: int, registry: Regi
         config = training_config(job.config)
         if config.prompts is None:
             raise ConfigurationError("TrainingConfig.prompts is required")
-        base = load_base_model(config.base_model, device=config.device)
+        base = config.load_base()
         prompts = format_prompts(base.tokenizer, load_prompts(config.prompts, config.max_prompts), config.chat_template)
         rollouts = sample_trees(base, prompts[first_prompt:end_prompt], config, first_prompt=first_prompt)
         stored = registry.store.put(rollouts.to_bytes())
@@ -448,7 +447,6 @@ def sample_shard(job_id: str, first_prompt: int, end_prompt: int, registry: Regi
 def merge_shards(job_id: str, shards: Sequence[Mapping[str, Any]], registry: Registry | None = None) -> None:
     """Merge the shard rollouts of ``sample_shard`` into the iteration-0 rollout file
     `train_objective` will start from, then delete the shards from the store."""
-    from mavis_lc.base_model import load_base_model
     from mavis_lc.training import TreeRollouts, format_prompts, load_prompts, merge_rollouts, rollout_cache_path
 
     owned_registry = registry is None
@@ -459,7 +457,7 @@ def merge_shards(job_id: str, shards: Sequence[Mapping[str, Any]], registry: Reg
         if not parts or job.status != "queued":
             return
         config = training_config(job.config)
-        base = load_base_model(config.base_model, device=config.device)
+        base = config.load_base()
         prompts = format_prompts(
             base.tokenizer, load_prompts(config.prompts or [], config.max_prompts), config.chat_template
         )

@@ -1,14 +1,17 @@
-"""A local Hugging Face sequence-classification model directory used as a reward model.
+"""A Hugging Face sequence-classification model used as a reward model: a local directory, or
+a hub id where a model hub is reachable.
 
 This is how the paper's helpful / harmless / humor rewards are used: the prompt and response
 are joined into one input, the classifier runs, and one of its logits is the reward. The
-directory's config is read at construction (so a bad label fails early); the weights load on
-the first score. Weights are read from safetensors only and no code from the directory runs
+model's config is read at construction (so a bad label fails early); the weights load on the
+first score, directly onto the device (``MAVIS_DEVICE`` by default) in the dtype
+(``MAVIS_DTYPE``). Weights are read from safetensors only and no code from the model runs
 unless ``trust_remote_code`` is turned on.
 """
 
 from __future__ import annotations
 
+import re
 import string
 import threading
 from collections.abc import Sequence
@@ -21,6 +24,8 @@ from mavis_lc.objectives.base import Objective
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 DEFAULT_TEMPLATE = "{prompt}\n\n{response}"
 """How prompt and response are joined when the tokenizer has no chat template."""
 
@@ -31,7 +36,8 @@ class HFRewardModelObjective(Objective):
     """Reward = one logit of a local ``AutoModelForSequenceClassification`` on (prompt, response).
 
     Args:
-        model_dir: a local model directory holding ``config.json``, safetensors weights and a tokenizer.
+        model_dir: a local model directory holding ``config.json``, safetensors weights and a
+            tokenizer, or a hub id (``org/name``; needs a reachable model hub, else a clear error).
         name: objective name; default the directory's name.
         label: the label whose logit is the reward (a key of the config's ``label2id``).
         logit_index: the logit index that is the reward. Give ``label`` or ``logit_index``, not
@@ -47,8 +53,12 @@ class HFRewardModelObjective(Objective):
         truncation_side: ``"left"`` (default) drops the start of long inputs, so the end of
             the response, which the classifier head reads, survives.
         batch_size: pairs per forward pass.
-        device: torch device string for the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-        trust_remote_code: allow the directory's own model code to run. Off by default.
+        device: torch device for the model (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``);
+            default ``MAVIS_DEVICE``.
+        dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``,
+            ``"float16"``; default ``MAVIS_DTYPE``. Rewards are returned as float32 whatever it is.
+        revision: a hub revision (branch, tag or commit) for a hub id; pin one for reproducible rewards.
+        trust_remote_code: allow the model's own code to run. Off by default.
         description: defaults to one naming the directory and the chosen logit.
 
     Raises:
@@ -68,13 +78,28 @@ class HFRewardModelObjective(Objective):
         max_length: int = 512,
         truncation_side: Literal["left", "right"] = "left",
         batch_size: int = 8,
-        device: str = "cpu",
+        device: str | None = None,
+        dtype: str | None = None,
+        revision: str | None = None,
         trust_remote_code: bool = False,
         description: str | None = None,
     ) -> None:
-        self.model_dir = Path(model_dir).expanduser()
-        if not (self.model_dir / "config.json").is_file():
-            raise ConfigurationError(f"{str(self.model_dir)!r} is not a model directory (no config.json)")
+        local = Path(model_dir).expanduser()
+        self.hub_id: str | None = None
+        if (local / "config.json").is_file():
+            self.model_dir = local
+        elif _HUB_ID.match(str(model_dir)) and not local.exists():
+            self.hub_id = str(model_dir)
+            self.model_dir = Path(str(model_dir))
+        else:
+            raise ConfigurationError(
+                f"{str(model_dir)!r} is not a model directory (no config.json) and not a hub id (org/name)"
+            )
+        from mavis_lc.base_model import resolve_device, resolve_dtype
+
+        self.torch_device = resolve_device(device)
+        self.torch_dtype = resolve_dtype(dtype, self.torch_device)
+        self.revision = revision
         _check_template(template)
         for option, value in (("max_length", max_length), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -85,18 +110,18 @@ class HFRewardModelObjective(Objective):
         self.max_length = max_length
         self.truncation_side = truncation_side
         self.batch_size = batch_size
-        self.device = device
+        self.device = str(self.torch_device)
         self.trust_remote_code = trust_remote_code
         self.logit_index, logit_label = self._resolve_logit(label, logit_index)
         self._model: PreTrainedModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._lock = threading.Lock()
         super().__init__(
-            name if name is not None else self.model_dir.resolve().name,
+            name if name is not None else self._default_name(),
             self._reward,
             description=description
             if description is not None
-            else f"Logit {logit_label!r} of the reward model at {self.model_dir}.",
+            else f"Logit {logit_label!r} of the reward model {self.hub_id or self.model_dir}.",
             reward_range=None,
         )
 
@@ -105,9 +130,14 @@ class HFRewardModelObjective(Objective):
 
         try:
             config = AutoConfig.from_pretrained(
-                self.model_dir, trust_remote_code=self.trust_remote_code, local_files_only=True
+                self._source(), trust_remote_code=self.trust_remote_code, **self._where()
             )
         except Exception as exc:
+            if self.hub_id is not None:
+                raise ConfigurationError(
+                    f"cannot fetch the reward model {self.hub_id!r} from the model hub ({type(exc).__name__}: "
+                    f"{exc}); where no hub is reachable, download it elsewhere and pass its local directory"
+                ) from exc
             raise ConfigurationError(f"cannot read the model config in {str(self.model_dir)!r}: {exc}") from exc
         id2label = {int(i): str(text) for i, text in config.id2label.items()}
         num_labels = len(id2label)
@@ -146,13 +176,15 @@ class HFRewardModelObjective(Objective):
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                self.model_dir, trust_remote_code=self.trust_remote_code, local_files_only=True
+                self._source(), trust_remote_code=self.trust_remote_code, **self._where()
             )
             model = AutoModelForSequenceClassification.from_pretrained(
-                self.model_dir,
+                self._source(),
                 trust_remote_code=self.trust_remote_code,
-                local_files_only=True,
                 use_safetensors=True,
+                dtype=self.torch_dtype,
+                device_map=str(self.torch_device),  # the weights load straight onto the device
+                **self._where(),
             )
         except Exception as exc:
             raise ModelLoadError(
@@ -177,8 +209,21 @@ class HFRewardModelObjective(Objective):
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad_id))
         text_config.pad_token_id = pad_id
         tokenizer.truncation_side = self.truncation_side
-        model.to(self.device).eval()
+        model.eval()
+        model.requires_grad_(False)
         return tokenizer, model
+
+    def _default_name(self) -> str:
+        return self.hub_id.split("/")[-1] if self.hub_id else self.model_dir.resolve().name
+
+    def _source(self) -> str:
+        return self.hub_id if self.hub_id is not None else str(self.model_dir)
+
+    def _where(self) -> dict[str, Any]:
+        """from_pretrained options: local files only for a directory, the revision for a hub id."""
+        if self.hub_id is None:
+            return {"local_files_only": True}
+        return {"revision": self.revision} if self.revision else {}
 
     def _encode(self, prompts: Sequence[str], responses: Sequence[str]) -> Any:
         tokenizer = self._tokenizer

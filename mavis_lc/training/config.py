@@ -8,15 +8,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mavis_lc.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from mavis_lc.base_model import BaseModel
 
 ARCHITECTURES = ("shared_q_head", "side_branch", "separate_backbone")
 SELECTION_METRICS = ("within_prompt_r2", "sibling_corr", "val_mse")
 
 # Fields that change where or how fast a run computes, never what it computes.
 _RUNTIME_FIELDS = frozenset({"device", "rollout_cache_dir", "reward_batch_size"})
+_LOAD_FIELDS = frozenset({"dtype", "revision", "attn_implementation"})
 
 
 @dataclass
@@ -182,12 +186,30 @@ class TrainingConfig:
     seed: int = field(default=0, metadata={"help": "Seed of trees, segment lengths, the validation split and the fit."})
     reward_batch_size: int = field(default=64, metadata={"help": "Leaves scored per reward-function call."})
     device: str | None = field(default=None, metadata={"help": "auto, cpu, cuda or cuda:N; default MAVIS_DEVICE."})
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "Base model dtype: auto, float32, bfloat16 or float16; default MAVIS_DTYPE."},
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) of a base model given as a hub id."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Base model attention: eager, sdpa, flash_attention_2...; default transformers'."},
+    )
     rollout_cache_dir: str | None = field(
         default=None,
         metadata={
             "help": "Folder of iteration-0 rollouts, reused by other objectives; default $MAVIS_HOME/cache/rollouts."
         },
     )
+
+    def load_base(self) -> BaseModel:
+        """The base model this run trains against, loaded as its fields say."""
+        from mavis_lc.base_model import LoadOptions, load_base_model
+
+        options = LoadOptions.of(revision=self.revision, attn_implementation=self.attn_implementation)
+        return load_base_model(self.base_model, device=self.device, dtype=self.dtype, options=options)
 
     def validate(self) -> None:
         """Raise `ConfigurationError` naming the first field out of range."""
@@ -296,6 +318,12 @@ class TrainingConfig:
         return data
 
     def fingerprint(self, exclude: frozenset[str] = frozenset()) -> str:
-        """sha256 of the fields that determine the result (runtime-only fields and ``exclude`` left out)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RUNTIME_FIELDS | exclude}
+        """sha256 of the fields that determine the result (runtime-only fields and ``exclude`` left
+        out; base-loading fields only where set, so runs that leave them unset keep one key)."""
+        data = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in _RUNTIME_FIELDS | exclude
+            and not (f.name in _LOAD_FIELDS and getattr(self, f.name) is None)
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

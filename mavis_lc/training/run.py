@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from mavis_lc.base_model import BaseModel, load_base_model
+from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError, RewardError, TrainingCancelled, TrainingError
 from mavis_lc.objectives import Objective, get_objective
 from mavis_lc.separate_backbone import SeparateBackboneValueModel, new_separate_backbone
@@ -116,7 +116,7 @@ def train_objective(
     if config.prompts is None:
         raise ConfigurationError("TrainingConfig.prompts is required: a .jsonl/.txt path or a list of prompts")
     objective = get_objective(config.objective, **config.objective_options)
-    base = load_base_model(config.base_model, device=config.device)
+    base = config.load_base()
     raw_prompts = load_prompts(config.prompts, config.max_prompts)
     prompts = format_prompts(base.tokenizer, raw_prompts, config.chat_template)
     prompts_key = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()

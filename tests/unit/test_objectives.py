@@ -514,3 +514,34 @@ def test_hf_reward_model_load_failures(tmp_path: Path, bert_reward_dir: tuple[Pa
     assert isinstance(info.value.__cause__, ModelLoadError)
     with pytest.raises(ModelLoadError, match="has no chat template"):
         HFRewardModelObjective(bert_reward_dir[0], label="pos", template="chat").load()
+
+
+def test_hf_reward_device_and_dtype_follow_the_settings(
+    bert_reward_dir: tuple[Path, Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mavis_lc.settings import get_settings
+
+    directory, model, tokenizer = bert_reward_dir
+    texts = [f"{p}\n\n{r}" for p, r in zip(PROMPTS, RESPONSES, strict=True)]
+    expected = _direct_logits(model, tokenizer, texts)[:, 2]
+    monkeypatch.setenv("MAVIS_DTYPE", "bfloat16")
+    get_settings.cache_clear()
+    try:
+        low = HFRewardModelObjective(directory, label="pos")
+        assert (low.torch_device.type, low.torch_dtype) == ("cpu", torch.bfloat16)
+        scores = low.score(PROMPTS, RESPONSES)
+        assert next(low.load()._model.parameters()).dtype == torch.bfloat16  # type: ignore[union-attr]
+        assert all(isinstance(s, float) for s in scores)
+        assert scores == pytest.approx(expected.tolist(), abs=0.1)  # bf16 resolution
+        assert scores != pytest.approx(expected.tolist(), abs=1e-6)  # and really bf16
+    finally:
+        get_settings.cache_clear()
+    assert HFRewardModelObjective(directory, label="pos", dtype="float32").torch_dtype == torch.float32
+
+
+def test_hf_reward_hub_id_without_a_hub_says_so() -> None:
+    # No hub is reachable here (and this id exists on none): the error names the id and the way out.
+    with pytest.raises(ConfigurationError, match=r"(?s)cannot fetch the reward model 'org/reward-x'.*local directory"):
+        get_objective("hf:org/reward-x", label="pos")
+    with pytest.raises(ConfigurationError, match=r"not a model directory .* and not a hub id"):
+        get_objective("hf:./no/such/dir/here")
