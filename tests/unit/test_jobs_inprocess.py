@@ -204,3 +204,38 @@ def test_cli_train_prints_the_rollout_estimate_and_refuses_a_recipe_over_budget(
     result = runner.invoke(app, ["train", REWARD, *flags, "--budget-minutes", "60"])
     assert result.exit_code == 0, result.output
     assert "rollouts: at most" in result.output and "tok/s" in result.output and "wall time:" in result.output
+
+
+def test_mavis_train_against_an_hf_reward_model_folder_then_decode_with_it(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from mavis_lc import ChatMavis
+    from tests.tiny import build_tokenizer
+
+    folder = tmp_path / "reward-model"
+    tokenizer = build_tokenizer()
+    torch.manual_seed(3)
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+            id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1}, pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    flags = [*train_flags(config, tmp_path), "--objective-options", '{"label": "good", "name": "goodness"}']
+    result = CliRunner().invoke(app, ["train", f"hf:{folder}", *flags, "--n-iterations", "1"])
+    assert result.exit_code == 0, result.output
+    assert "succeeded: registered goodness@1" in result.output
+    with Registry() as registry:
+        [version] = registry.list_versions("goodness")
+        assert version.normalization["std"] > 0  # rewards were scored: the leaves' spread
+    chat = ChatMavis(base_model=config["base_model"], heads=["goodness"], max_tokens=6, seed=0, beta=4.0)
+    message = chat.invoke("Tell me a story", weights={"goodness": 1.0})
+    assert message.response_metadata["heads"][0]["objective"] == "goodness"
+    assert message.response_metadata["heads"][0]["version"] == 1
+    assert message.response_metadata["mean_tilt"]["goodness"] != 0.0  # the head steers

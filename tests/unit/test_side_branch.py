@@ -248,3 +248,32 @@ def test_chat_mavis_steers_with_a_side_branch_beside_a_shared_head(
     direct = decoder.generate([prompt], {"obj": 1.0, "other": 0.5}, DecodeConfig(max_new_tokens=8, top_k=8, beta=3.0))
     assert both.content == direct[0].text
     assert chat.invoke("hello there", weights={"other": 0.5}).content != both.content
+
+
+def test_training_on_a_bfloat16_base_keeps_float32_master_weights(tiny_model_dir: Path) -> None:
+    low = load_base_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    rollouts = sample_trees(low, PROMPTS * 3, TREES, tap_layer=1)
+    previous = torch.cat([torch.zeros(1, dtype=torch.long), rollouts.tokens[:-1]])
+    target = torch.where(previous % 2 == 0, 1.0, -1.0)
+    side = new_side_branch(low, "obj", n_layers=1)
+    before = {k: v.clone() for k, v in side.branch.state_dict().items()}
+    config = TrainingConfig(
+        **{
+            **TREES.to_dict(),
+            "epochs": 2,
+            "val_fraction": 0.25,
+            "side_learning_rate": 1e-5,
+            "selection_metric": "val_mse",
+        }
+    )
+    result = fit_side_branch(side, rollouts, target, config)
+    assert result.metrics["best_epoch"] > 0  # an epoch was kept, not the start
+    assert {p.dtype for p in side.parameters()} == {torch.float32}
+    moved = lost = 0
+    for name, value in side.branch.state_dict().items():
+        delta = value != before[name]
+        moved += int(delta.sum())
+        # Updates that bfloat16 storage would have rounded away: the value moved, its bf16 did not.
+        lost += int((delta & (value.bfloat16() == before[name].bfloat16())).sum())
+    assert moved > 0
+    assert lost > moved // 2  # most updates are below bf16 resolution at this rate
