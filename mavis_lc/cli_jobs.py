@@ -161,6 +161,7 @@ def _train(
     wait_for_it: bool,
     timeout_s: float | None,
     budget_minutes: float | None = None,
+    worker_queue: str | None = None,
     **options: Any,
 ) -> None:
     """Body of ``mavis train``; ``options`` are `TrainingConfig` fields as the flags gave them
@@ -181,7 +182,7 @@ def _train(
         _report(wait(job_id, timeout_s=0))
         console.print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min")
         return
-    job_id = submit_training(objective, config, shards=shards, in_process=False)
+    job_id = submit_training(objective, config, shards=shards, in_process=False, queue=worker_queue)
     console.print(job_id)
     if wait_for_it:
         with _progress_bar() as bar:
@@ -250,6 +251,16 @@ def _train_signature() -> inspect.Signature:
             None,
         ),
     ]
+    job_options.append(
+        (
+            "worker_queue",
+            Annotated[
+                str | None,
+                typer.Option(help="Queued: the Celery queue (default training), e.g. gpu for `mavis worker -Q gpu`."),
+            ],
+            None,
+        )
+    )
     for name, annotation, default in job_options:
         parameters.append(
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)

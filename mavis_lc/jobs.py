@@ -13,6 +13,7 @@ has ended. Either way the row records status, progress, errors and the registere
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ def submit_training(
     in_process: bool | None = None,
     on_progress: ProgressReporter | None = None,
     registry: Registry | None = None,
+    queue: str | None = None,
 ) -> str:
     """Record a training job for ``objective`` and queue it (or, with no broker, run it); returns the job id.
 
@@ -61,14 +63,19 @@ def submit_training(
         in_process: run here even with a broker (True), or refuse to run without one (False);
             default: run here exactly when ``MAVIS_BROKER_URL`` is unset.
         on_progress: in-process only: called with every progress snapshot.
+        queue: the Celery queue the job's messages go to (default ``training``), so that only
+            workers started with ``mavis worker --queues NAME`` take it (say ``gpu`` for the
+            workers on GPU machines). Retries and shards stay on it.
 
     Raises:
         ConfigurationError: an unknown config field, a value out of range, no prompts, or a bad objective spec.
         JobError: ``in_process=False`` and no broker is configured, or the broker refused the message
             (the job is then marked failed).
     """
+    from worker.app import TRAINING_QUEUE
     from worker.tasks import merge_shards, run_job, sample_shard, shard_ranges, training_config
 
+    target_queue = _queue_name(queue if queue is not None else TRAINING_QUEUE)
     fields = config.to_dict() if isinstance(config, TrainingConfig) else dict(config or {})
     fields["objective"] = objective
     training = training_config(fields)
@@ -89,16 +96,27 @@ def submit_training(
             run_job(job_id, report_state=on_progress, registry=reg)
             return job_id
         try:
-            _enqueue(job_id, ranges)
+            _enqueue(job_id, ranges, target_queue)
         except Exception as exc:
             reg.finish_job(job_id, "failed", error=f"could not enqueue: {type(exc).__name__}: {exc}")
             raise JobError(f"could not queue job {job_id} on {broker!r}: {exc}") from exc
     return job_id
 
 
-def _enqueue(job_id: str, ranges: list[tuple[int, int]]) -> None:
-    """Send the job's message(s) by task name, on an app built from the current settings; the
-    Celery task id of the training task is the job id."""
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _queue_name(name: object) -> str:
+    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+        raise ConfigurationError(
+            f"queue must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit), got {name!r}"
+        )
+    return name
+
+
+def _enqueue(job_id: str, ranges: list[tuple[int, int]], queue: str) -> None:
+    """Send the job's message(s) by task name to ``queue``, on an app built from the current
+    settings; the Celery task id of the training task is the job id."""
     from celery import chord
 
     from worker.app import create_app
@@ -106,14 +124,14 @@ def _enqueue(job_id: str, ranges: list[tuple[int, int]]) -> None:
     app = create_app()
     try:
         if len(ranges) == 1:
-            app.send_task("mavis.train_objective", args=[job_id], task_id=job_id)
+            app.send_task("mavis.train_objective", args=[job_id], task_id=job_id, queue=queue)
             return
         header = [
-            app.signature("mavis.sample_rollout_shard", args=(job_id, first, end), immutable=True)
+            app.signature("mavis.sample_rollout_shard", args=(job_id, first, end), immutable=True, queue=queue)
             for first, end in ranges
         ]
-        body = app.signature("mavis.train_from_shards", args=(job_id,), task_id=job_id)
-        body.on_error(app.signature("mavis.fail_job", args=(job_id,), immutable=True))
+        body = app.signature("mavis.train_from_shards", args=(job_id,), task_id=job_id, queue=queue)
+        body.on_error(app.signature("mavis.fail_job", args=(job_id,), immutable=True, queue=queue))
         chord(header, app=app)(body)
     finally:
         app.close()

@@ -70,8 +70,8 @@ class Service:
         get_settings.cache_clear()
         self.env = worker_env(values)
 
-    def start_worker(self, name: str) -> Worker:
-        worker = Worker(self.env, name, self.tmp_path / f"{name}.log")
+    def start_worker(self, name: str, queues: str = "training") -> Worker:
+        worker = Worker(self.env, name, self.tmp_path / f"{name}.log", queues)
         self.workers.append(worker)
         return worker
 
@@ -240,3 +240,13 @@ def test_sharded_rollouts_on_two_workers_match_one_worker(service: Service, tiny
     assert whole.status == "succeeded", (whole.error, service.logs())
     by_id = {v.id: v for v in service.versions()}
     assert by_id[sharded.result_version_id].sha256 == by_id[whole.result_version_id].sha256  # type: ignore[index]
+
+
+def test_a_job_routed_to_the_gpu_queue_goes_to_the_worker_on_that_queue(service: Service, tiny_model_dir: Path) -> None:
+    job_id = submit_training(FAST, tiny_config(tiny_model_dir), queue="gpu")
+    client = redis.Redis.from_url(service.broker_url)
+    assert (client.llen("gpu"), client.llen("training")) == (1, 0)  # on the named queue only
+    service.start_worker("gpu1", queues="gpu")
+    job = wait(job_id, timeout_s=120)
+    assert job.status == "succeeded", (job.error, service.logs())
+    assert job.worker is not None and job.worker.startswith("gpu1@")

