@@ -44,6 +44,9 @@ def generate(
     max_tokens: Annotated[int, typer.Option(help="Most new tokens per response.")] = 128,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     base_model: Annotated[str | None, typer.Option(help="Base model; default MAVIS_BASE_MODEL.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Base model dtype (auto, float32, bfloat16).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of a base model given as a hub id.")] = None,
+    attn_implementation: Annotated[str | None, typer.Option(help="Base model attention (eager, sdpa, ...).")] = None,
     raw: Annotated[bool, typer.Option(help="Send prompts as they are, without the chat template.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per response.")] = False,
 ) -> None:
@@ -51,7 +54,8 @@ def generate(
     try:
         from mavis_lc.training import format_prompts
 
-        engine = get_engine(base_model, head or [])
+        load = _load(dtype, revision, attn_implementation)
+        engine = get_engine(base_model, head or [], **load)
         texts = format_prompts(engine.base.tokenizer, prompts, chat_template=not raw)
         config = DecodeConfig(max_new_tokens=max_tokens, top_k=top_k, temperature=temperature, beta=beta, seed=seed)
         results = engine.generate(texts, parse_weights(weights), config)
@@ -123,6 +127,9 @@ def eval_command(
         list[str] | None, typer.Option(help="More head sets to sweep, as NAME=SPEC,SPEC (e.g. it0=pos@1,con@1).")
     ] = None,
     base_model: Annotated[str | None, typer.Option(help="Base model; default MAVIS_BASE_MODEL.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Base model dtype (auto, float32, bfloat16).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of a base model given as a hub id.")] = None,
+    attn_implementation: Annotated[str | None, typer.Option(help="Base model attention (eager, sdpa, ...).")] = None,
     output_dir: Annotated[str, typer.Option(help="Folder for results.csv/.json, summary.md, pareto.png.")] = (
         "eval-output"
     ),
@@ -164,13 +171,14 @@ def eval_command(
             batch_size=batch_size, reward_guided=reward_guided, min_tokens=min_tokens,
             bootstrap_resamples=bootstrap_resamples,
         )  # fmt: skip
-        engine = get_engine(base_model, head)
+        load = _load(dtype, revision, attn_implementation)
+        engine = get_engine(base_model, head, **load)
         variants = {}
         for entry in variant or []:
             name, _, specs = entry.partition("=")
             if not name or not specs:
                 raise ConfigurationError(f"--variant must be NAME=SPEC,SPEC,..., got {entry!r}")
-            variants[name] = get_engine(base_model, specs.split(","))
+            variants[name] = get_engine(base_model, specs.split(","), **load)
         calibration = None
         if kl_budget is not None:
             equal = dict.fromkeys(engine.objectives, 1 / len(engine.objectives))
@@ -203,3 +211,10 @@ def eval_command(
 
 if __name__ == "__main__":
     app()
+
+
+def _load(dtype: str | None, revision: str | None, attn_implementation: str | None) -> dict[str, Any]:
+    """`get_engine` keyword arguments for the base-model loading flags."""
+    from mavis_lc.base_model import LoadOptions
+
+    return {"dtype": dtype, "options": LoadOptions.of(revision=revision, attn_implementation=attn_implementation)}

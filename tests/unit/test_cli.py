@@ -36,3 +36,17 @@ def test_rollout_pace_says_the_plan_the_rate_and_the_time_left() -> None:
     assert _rollout_pace({"planned_tokens": 44_000, "tokens": 0, "tokens_per_s": 0.0}) == "at most 44,000 tokens"
     pace = _rollout_pace({"planned_tokens": 44_000, "tokens": 8_000, "tokens_per_s": 200.0})
     assert pace == "at most 44,000 tokens, 200 tok/s, at most 3.0 min left"
+
+
+def test_generate_loads_the_base_as_its_flags_say(tiny_model_dir: Path) -> None:
+    from mavis_lc.base_model import LoadOptions, load_base_model
+
+    flags = ["--base-model", str(tiny_model_dir), "--max-tokens", "4", "--json", "--raw"]
+    result = CliRunner().invoke(
+        app, ["generate", "Hello", *flags, "--dtype", "bfloat16", "--attn-implementation", "eager"]
+    )
+    assert result.exit_code == 0, result.output
+    loaded = load_base_model(str(tiny_model_dir), dtype="bfloat16", options=LoadOptions.of(attn_implementation="eager"))
+    assert str(loaded.dtype) == "torch.bfloat16" and loaded.model.config._attn_implementation == "eager"
+    bad = CliRunner().invoke(app, ["generate", "Hello", *flags, "--dtype", "float8"])
+    assert bad.exit_code == 1 and "unknown dtype 'float8'" in bad.output
