@@ -30,6 +30,7 @@ and Monte Carlo targets), pooled over prompts, and the within-state metrics of `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -406,7 +407,8 @@ def fit_side_branch(
             columns.append(torch.arange(n_prompt, n_prompt + tree.n_tokens))
             index.append(torch.arange(tree.first_token, tree.first_token + tree.n_tokens))
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-        features = model.features(inputs.to(device), mask[:, None].to(device), positions.to(device))  # (B, S, d)
+        with _autocast(device):  # bf16 matmuls on a GPU; the parameters and optimizer state stay float32
+            features = model.features(inputs.to(device), mask[:, None].to(device), positions.to(device)).float()
         row_index, column_index, token_index = torch.cat(rows), torch.cat(columns), torch.cat(index)
         states = features[row_index.to(device), column_index.to(device)]  # (n, d)
         prompt = prompt_features[[chosen[r].prompt for r in row_index.tolist()]].to(device) if use_prompt else None
@@ -433,6 +435,14 @@ def fit_side_branch(
         model, batches, loss_of, train_trees, val_trees, evaluate, states, config, progress, should_cancel,
         measure_start=True,
     )  # fmt: skip
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """bfloat16 autocast for a forward on a CUDA device that supports it; nothing elsewhere (on
+    the CPU the branch trains in float32 throughout)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _sequence_batches(

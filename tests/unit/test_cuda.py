@@ -45,3 +45,17 @@ def test_rollouts_and_heads_run_on_the_gpu_with_float32_heads(tiny_model_dir: Pa
     head = new_shared_head(base, "obj")
     assert {p.dtype for p in head.parameters()} == {torch.float32}
     assert {p.device.type for p in head.parameters()} == {"cuda"}
+
+
+def test_a_side_branch_fits_on_the_gpu_under_autocast_with_float32_weights(tiny_model_dir: Path) -> None:
+    from mavis_lc.side_branch import new_side_branch
+    from mavis_lc.training import TrainingConfig
+    from mavis_lc.training.fit import fit_side_branch
+
+    base = load_base_model(str(tiny_model_dir), device="cuda", dtype="bfloat16")
+    rollouts = sample_trees(base, PROMPTS * 2, TREES, tap_layer=1)
+    side = new_side_branch(base, "obj", n_layers=1)
+    target = torch.where(rollouts.tokens % 2 == 0, 1.0, -1.0)
+    config = TrainingConfig(**{**TREES.to_dict(), "epochs": 2, "val_fraction": 0.25})
+    result = fit_side_branch(side, rollouts, target, config)
+    assert result.history and {p.dtype for p in side.parameters()} == {torch.float32}
