@@ -1,6 +1,6 @@
 """MAVIS decoding: the frozen base model's top-k next tokens, tilted by weighted value models.
 
-At every step, for each row b of the batch (DESIGN.md §1):
+At every step, for each row b of the batch (docs/architecture.md, "One decoding step"):
 
     pi(a | s) ∝ softmax( topk_logits(s) / T + beta * Σ_m weights[b, m] * Q_m(s, a) ),  a in top-k
 

@@ -1,4 +1,4 @@
-"""The Celery app of the training workers, configured from ``MAVIS_*`` settings (DESIGN.md §6).
+"""The Celery app of the training workers, configured from ``MAVIS_*`` settings (docs/operations.md).
 
     celery -A worker.app worker -Q training -c 1 --prefetch-multiplier 1   # or: mavis worker
 

@@ -1,4 +1,5 @@
-"""Training per-objective value models: tree rollouts -> targets -> fit, iterated (DESIGN.md §1).
+"""Training per-objective value models: tree rollouts -> targets -> fit, iterated
+(docs/architecture.md, "Training, registry, workers").
 
 `train_objective` runs the whole pipeline from one `TrainingConfig`; the stages are public for
 workers that shard rollouts (`sample_trees` on prompt ranges, then `merge_rollouts`) and for

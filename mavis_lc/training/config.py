@@ -25,7 +25,7 @@ _LOAD_FIELDS = frozenset({"dtype", "revision", "attn_implementation"})
 
 @dataclass
 class TrainingConfig:
-    """One value-model training run (DESIGN.md §1): trees, targets, fit, for ``n_iterations``."""
+    """One value-model training run: trees, targets, fit, for ``n_iterations`` (docs/architecture.md)."""
 
     objective: str = field(
         default="positivity", metadata={"help": "Objective spec: a built-in name, hf:<dir> or package.module:function."}

@@ -1,4 +1,4 @@
-"""Fit a value model to tree targets by regression (DESIGN.md §1, step 2).
+"""Fit a value model to tree targets by regression (docs/architecture.md, "Training, registry, workers").
 
 Every sampled token is one example: the state s_t before it, the token a_t, and its target
 (`mavis_lc.training.targets`); the loss is the MSE of Q(s_t, a_t) against it, minimised with

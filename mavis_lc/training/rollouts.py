@@ -1,4 +1,4 @@
-"""Tree rollouts: the Monte Carlo samples value models learn from (DESIGN.md §1, step 1).
+"""Tree rollouts: the Monte Carlo samples value models learn from (docs/architecture.md, "Training, registry, workers").
 
 For every prompt a tree of continuations is sampled. The root is the prompt; it fans out into
 ``k_root`` children, every later node into ``k_children``, for at most ``n_layers`` layers

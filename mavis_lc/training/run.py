@@ -1,6 +1,6 @@
 """`train_objective`: the whole iterative training of one objective's value model, resumable.
 
-For iteration i = 0 .. n_iterations-1 (DESIGN.md §1):
+For iteration i = 0 .. n_iterations-1 (docs/architecture.md, "Training, registry, workers"):
 
 1. ``rollouts``: sample trees, from pi_ref (i = 0) or from MAVIS(pi_ref, head i-1) at weight 1
    and guidance ``beta``. Iteration-0 rollouts do not depend on the objective, so they are kept
