@@ -31,6 +31,23 @@ console = Console()
 error_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mavis_lc import __version__
+
+        typer.echo(f"mavis-lc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Steer a frozen language model toward several objectives at once."""
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="Prompts; each goes through the chat template.")],

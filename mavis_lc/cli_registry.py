@@ -6,6 +6,7 @@ one line on stderr with exit status 1; ``db check`` exits 1 when the schema has 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,19 @@ def _registry() -> Iterator[Registry]:
     except MavisError as exc:
         error_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None
+
+
+def _plain(value: Any) -> Any:
+    """A registry dataclass as JSON-able plain values (datetimes as ISO text)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=str))
+
+
+def _print_json_lines(items: Any) -> None:
+    """One JSON object per line on stdout (data), never through rich."""
+    for item in items:
+        typer.echo(json.dumps(_plain(item), sort_keys=True))
 
 
 def _json(value: Any) -> str:
@@ -105,9 +119,14 @@ def db_check(url: UrlOption = None) -> None:
 
 
 @registry_app.command("objectives")
-def objectives() -> None:
+def objectives(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per objective.")] = False,
+) -> None:
     """List objectives with their version counts and aliases."""
     with _registry() as registry:
+        if as_json:
+            _print_json_lines(registry.list_objectives())
+            return
         table = Table(title="objectives")
         for column in ("objective", "versions", "latest ready", "aliases", "reward range", "description"):
             table.add_column(column)
@@ -127,6 +146,7 @@ def objectives() -> None:
 def list_versions(
     objective: Annotated[str | None, typer.Argument(help="Only this objective.")] = None,
     archived: Annotated[bool, typer.Option("--archived/--no-archived", help="Include archived.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per version.")] = False,
 ) -> None:
     """List versions with status, metrics and aliases."""
     with _registry() as registry:
@@ -136,17 +156,24 @@ def list_versions(
             by_version = {info.version: info.id for info in versions if info.objective == name}
             for alias, version in registry.list_aliases(name).items():
                 aliases.setdefault(by_version.get(version, -1), []).append(alias)
+        if as_json:
+            _print_json_lines([{**_plain(v), "aliases": sorted(aliases.get(v.id, []))} for v in versions])
+            return
         console.print(_versions_table("versions", versions, aliases))
 
 
 @registry_app.command("show")
 def show(
     spec: Annotated[str, typer.Argument(help="e.g. positivity, positivity@3, positivity@production")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the version as one JSON object.")] = False,
 ) -> None:
     """Show one version: metadata, metrics, normalisation, aliases and lineage."""
     with _registry() as registry:
         detail = registry.show(spec)
         info = detail.version
+        if as_json:
+            _print_json_lines([_plain(detail)])
+            return
         table = Table(title=info.spec, show_header=False)
         table.add_column("field", style="bold")
         table.add_column("value")
@@ -233,9 +260,14 @@ def presets_create(
 
 
 @presets_app.command("list")
-def presets_list() -> None:
+def presets_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per preset.")] = False,
+) -> None:
     """List presets."""
     with _registry() as registry:
+        if as_json:
+            _print_json_lines(registry.list_presets())
+            return
         table = Table(title="presets")
         for column in ("preset", "weights", "pinned"):
             table.add_column(column)
@@ -245,10 +277,16 @@ def presets_list() -> None:
 
 
 @presets_app.command("show")
-def presets_show(name: str) -> None:
+def presets_show(
+    name: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the preset as one JSON object.")] = False,
+) -> None:
     """Show one preset."""
     with _registry() as registry:
         preset = registry.get_preset(name)
+        if as_json:
+            _print_json_lines([preset])
+            return
         table = Table(title=preset.name)
         for column in ("objective", "weight", "pinned"):
             table.add_column(column)

@@ -50,3 +50,10 @@ def test_generate_loads_the_base_as_its_flags_say(tiny_model_dir: Path) -> None:
     assert str(loaded.dtype) == "torch.bfloat16" and loaded.model.config._attn_implementation == "eager"
     bad = CliRunner().invoke(app, ["generate", "Hello", *flags, "--dtype", "float8"])
     assert bad.exit_code == 1 and "unknown dtype 'float8'" in bad.output
+
+
+def test_version() -> None:
+    from mavis_lc import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"mavis-lc {__version__}\n"

@@ -102,3 +102,19 @@ def test_typed_errors_exit_1_with_one_line(registry: Registry) -> None:
     assert code == 1 and "accepted forms" in output
     code, output = invoke("registry", "presets", "create", "x", "positivity=-1")
     assert code == 1 and "must be finite and >= 0" in output
+
+
+def test_read_commands_print_json(registry: Registry) -> None:
+    import json
+
+    registry.set_alias("positivity", "prod", 2)
+    registry.create_preset("friendly", {"positivity": 0.7}, pinned_specs=["positivity@1"])
+    lines = lambda *args: [json.loads(line) for line in invoke(*args, "--json")[1].splitlines()]  # noqa: E731
+    objectives = lines("registry", "objectives")
+    assert [(o["name"], o["version_count"]) for o in objectives] == [("conciseness", 1), ("positivity", 2)]
+    versions = lines("registry", "list", "positivity")
+    assert sorted((v["version"], v["aliases"]) for v in versions) == [(1, []), (2, ["prod"])]
+    [shown] = lines("registry", "show", "positivity@1")
+    assert shown["version"]["metrics"]["val_mse"] == 0.125 and [c["version"] for c in shown["children"]] == [2]
+    assert lines("registry", "presets", "list")[0]["pinned_specs"] == ["positivity@1"]
+    assert lines("registry", "presets", "show", "friendly")[0]["weights"] == {"positivity": 0.7}
