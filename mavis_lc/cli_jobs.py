@@ -44,10 +44,13 @@ _OPTION_TYPES: dict[str, Any] = {"objective_options": str | None, "prompts": str
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """Typed errors become a one-line message and exit status 1."""
+    """Typed errors become a one-line message and exit status 1; giving up waiting, `EXIT_TIMEOUT`."""
     try:
         yield
-    except (MavisError, TimeoutError) as exc:
+    except TimeoutError as exc:
+        error_console.print(f"[red]timed out:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(EXIT_TIMEOUT) from None
+    except MavisError as exc:
         error_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
@@ -138,8 +141,19 @@ def _print_estimate(config: TrainingConfig, budget_minutes: float | None) -> Non
         )
 
 
+EXIT_FAILED = 3
+"""Exit status of ``mavis train`` / ``mavis jobs watch`` when the job failed (1: a bad argument
+or another typed error, 2: a usage error)."""
+EXIT_CANCELLED = 4
+"""... when the job was cancelled."""
+EXIT_TIMEOUT = 5
+"""... when ``--timeout-s`` passed before the job ended (the job goes on)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C during an in-process run: the job is marked cancelled first."""
+
+
 def _report(job: JobInfo) -> None:
-    """Print how the job ended; exit 1 unless it succeeded."""
+    """Print how the job ended; exit `EXIT_FAILED` or `EXIT_CANCELLED` unless it succeeded."""
     if job.status == "succeeded":
         version = ""
         if job.result_version_id is not None:
@@ -150,7 +164,7 @@ def _report(job: JobInfo) -> None:
         console.print(f"job {job.id} succeeded: registered {version or job.result_version_id}")
         return
     error_console.print(f"job {job.id} {job.status}" + (f": {job.error}" if job.error else ""))
-    raise typer.Exit(1)
+    raise typer.Exit(EXIT_CANCELLED if job.status == "cancelled" else EXIT_FAILED)
 
 
 def _train(
@@ -177,8 +191,12 @@ def _train(
     if local:
         started = time.perf_counter()
         _print_estimate(TrainingConfig(objective=objective, **config), budget_minutes)
-        with _progress_bar() as bar:
-            job_id = submit_training(objective, config, shards=shards, in_process=True, on_progress=bar.show)
+        try:
+            with _progress_bar() as bar:
+                job_id = submit_training(objective, config, shards=shards, in_process=True, on_progress=bar.show)
+        except KeyboardInterrupt:
+            error_console.print("interrupted: the job is marked cancelled (mavis jobs list)")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         _report(wait(job_id, timeout_s=0))
         console.print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min")
         return

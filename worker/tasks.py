@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from sqlalchemy import update
 
 from mavis_lc.errors import ConfigurationError, JobError, MavisError, TrainingCancelled
@@ -393,6 +393,10 @@ def run_job(
             status = _finish(registry, job_id, "succeeded", version_id=version_id)
             shutil.rmtree(workdir, ignore_errors=True)
             return {"job_id": job_id, "status": status, "version_id": version_id}
+        except KeyboardInterrupt:  # Ctrl-C in an in-process run: the job ends cancelled, not running forever
+            _finish(registry, job_id, "cancelled", "interrupted (KeyboardInterrupt)")
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         except TrainingCancelled as exc:
             if claimed.lost.is_set() and not progress.cancel_requested:
                 return {"job_id": job_id, "status": "duplicate", "version_id": None}
@@ -484,6 +488,27 @@ def _state_reporter(task: Task) -> StateReporter | None:
     return lambda meta: task.update_state(state="PROGRESS", meta=json.loads(json.dumps(meta)))
 
 
+class JobFailed(JobError):
+    """Raised by a Celery task whose job failed, so that Celery and Flower show FAILURE (the
+    job row, already finished as failed, stays the source of truth)."""
+
+
+def _outcome(task: Task, outcome: dict[str, Any]) -> dict[str, Any]:
+    """A task's return for its job's outcome: a failed job raises `JobFailed` (Celery state
+    FAILURE); a cancelled one is recorded as REVOKED (result backend and a ``task-revoked``
+    event for Flower) and ends the task with `Ignore`, so the worker does not overwrite it."""
+    if outcome.get("status") == "failed":
+        with Registry() as registry:
+            error = registry.get_job(outcome["job_id"]).error
+        raise JobFailed(f"job {outcome['job_id']} failed: {error}")
+    if outcome.get("status") == "cancelled" and task.request.id is not None and not task.request.is_eager:
+        task.send_event("task-revoked", terminated=False, expired=False, signum=None)
+        # As Celery records a revoke itself: state REVOKED with a TaskRevokedError as the result.
+        task.backend.mark_as_revoked(task.request.id, reason=f"job {outcome['job_id']} cancelled", request=task.request)
+        raise Ignore()
+    return outcome
+
+
 def _retry(task: Task, exc: Exception) -> None:
     logger.warning("transient error, retrying %s: %s", task.name, exc)
     raise task.retry(exc=exc, countdown=retry_delay_s(task.request.retries))
@@ -493,12 +518,13 @@ def _retry(task: Task, exc: Exception) -> None:
 def train_objective(self: Task, job_id: str) -> dict[str, Any]:
     """Run the training job ``job_id`` (`run_job`); transient infrastructure errors are retried."""
     try:
-        return run_job(job_id, report_state=_state_reporter(self), worker=worker_name(self.request.hostname))
+        outcome = run_job(job_id, report_state=_state_reporter(self), worker=worker_name(self.request.hostname))
     except Exception as exc:
         if not is_transient(exc):
             raise
         _retry(self, exc)
         raise  # unreachable: retry raises
+    return _outcome(self, outcome)
 
 
 @app.task(bind=True, name="mavis.sample_rollout_shard", max_retries=MAX_RETRIES)
@@ -521,13 +547,15 @@ def train_from_shards(self: Task, shards: list[dict[str, Any]], job_id: str) -> 
         try:
             merge_shards(job_id, shards)
         except MavisError as exc:
-            return fail_queued_job(job_id, f"rollout shards could not be merged: {type(exc).__name__}: {exc}")
-        return run_job(job_id, report_state=_state_reporter(self), worker=worker_name(self.request.hostname))
+            outcome = fail_queued_job(job_id, f"rollout shards could not be merged: {type(exc).__name__}: {exc}")
+        else:
+            outcome = run_job(job_id, report_state=_state_reporter(self), worker=worker_name(self.request.hostname))
     except Exception as exc:
         if not is_transient(exc):
             raise
         _retry(self, exc)
         raise
+    return _outcome(self, outcome)
 
 
 @app.task(name="mavis.fail_job")

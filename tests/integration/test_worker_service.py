@@ -250,3 +250,54 @@ def test_a_job_routed_to_the_gpu_queue_goes_to_the_worker_on_that_queue(service:
     job = wait(job_id, timeout_s=120)
     assert job.status == "succeeded", (job.error, service.logs())
     assert job.worker is not None and job.worker.startswith("gpu1@")
+
+
+def test_failed_and_cancelled_jobs_end_as_failure_and_revoked_in_celery_and_flower(
+    service: Service, tiny_model_dir: Path
+) -> None:
+    import threading
+
+    from celery.events.state import State
+    from celery.result import AsyncResult
+
+    from worker.app import create_app
+
+    app = create_app()
+    seen = State()  # what Flower builds from the workers' events
+    stop = threading.Event()
+
+    def listen() -> None:
+        with app.connection() as connection:
+            receiver = app.events.Receiver(connection, handlers={"*": seen.event})
+            while not stop.is_set():
+                try:
+                    receiver.capture(limit=None, timeout=1, wakeup=False)
+                except Exception:  # the capture's timeout: look at stop again
+                    continue
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        service.start_worker("w1")
+        failed = submit_training("tests.rewards_for_tests:nan_score", tiny_config(tiny_model_dir))
+        assert wait(failed, timeout_s=120).status == "failed", service.logs()
+        doomed = submit_training(SLOW, tiny_config(tiny_model_dir, n_iterations=3, seed=2))
+        wait_for(lambda: job_status(doomed).progress.get("stage"), 120, "the job to report progress")
+        cancel(doomed)
+        assert wait(doomed, timeout_s=60).status == "cancelled", service.logs()
+        assert AsyncResult(failed, app=app).state == "FAILURE"
+        assert "failed: RewardError: objective 'nan_score'" in str(AsyncResult(failed, app=app).result)
+        assert AsyncResult(doomed, app=app).state == "REVOKED"
+
+        def flower_state(task_id: str) -> str | None:
+            task = seen.tasks.get(task_id)
+            return task.state if task is not None else None
+
+        wait_for(lambda: flower_state(failed) == "FAILURE", 30, "a task-failed event")
+        wait_for(lambda: flower_state(doomed) == "REVOKED", 30, "a task-revoked event")
+        # The job rows stay the source of truth.
+        assert (job_status(failed).status, job_status(doomed).status) == ("failed", "cancelled")
+    finally:
+        stop.set()
+        listener.join(timeout=5)
+        app.close()

@@ -241,3 +241,24 @@ def test_mavis_train_against_an_hf_reward_model_folder_then_decode_with_it(
     assert message.response_metadata["heads"][0]["objective"] == "goodness"
     assert message.response_metadata["heads"][0]["version"] == 1
     assert message.response_metadata["mean_tilt"]["goodness"] != 0.0  # the head steers
+
+
+def test_ctrl_c_in_an_in_process_run_marks_the_job_cancelled(config: dict[str, Any], tmp_path: Path) -> None:
+    def interrupt(snapshot: dict[str, Any]) -> None:
+        if snapshot["stage"] == "rewards":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        submit_training(REWARD, config, on_progress=interrupt)
+    [job] = Registry().list_jobs()
+    assert job.status == "cancelled" and "KeyboardInterrupt" in (job.error or "")
+    assert not job_workdir(job.id).exists()
+
+
+def test_cli_exit_codes_say_how_the_job_ended(config: dict[str, Any], tmp_path: Path) -> None:
+    from mavis_lc.cli_jobs import EXIT_FAILED
+
+    runner = CliRunner()
+    failed = runner.invoke(app, ["train", "tests.rewards_for_tests:nan_score", *train_flags(config, tmp_path)])
+    assert failed.exit_code == EXIT_FAILED == 3, failed.output
+    assert "failed" in failed.output
