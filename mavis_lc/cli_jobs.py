@@ -358,6 +358,43 @@ def watch_job(
         _report(job)
 
 
+@jobs_app.command("retry")
+def retry_job(
+    job_id: str,
+    worker_queue: Annotated[str | None, typer.Option(help="Queued: the Celery queue (default training).")] = None,
+) -> None:
+    """Submit a failed or cancelled job again as a new job (same objective and config); prints its id."""
+    from mavis_lc.jobs import retry
+
+    with _errors():
+        new_id = retry(job_id, queue=worker_queue)
+    typer.echo(new_id)
+
+
+@jobs_app.command("reap")
+def reap_jobs(
+    stale_after_s: Annotated[
+        float | None, typer.Option(help="Heartbeat age that counts as lost; default MAVIS_STALE_AFTER_S.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the jobs that would be failed.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per job.")] = False,
+) -> None:
+    """Fail running jobs whose worker is gone (no heartbeat for MAVIS_STALE_AFTER_S seconds)."""
+    from mavis_lc.jobs import reap
+
+    with _errors():
+        jobs = reap(stale_after_s=stale_after_s, dry_run=dry_run)
+    if as_json:
+        for job in jobs:
+            print(_job_json(job))
+        return
+    verb = "would fail" if dry_run else "failed"
+    for job in jobs:
+        console.print(f"{verb} job {job.id} ({job.objective}, last heartbeat {job.heartbeat_at})")
+    if not jobs:
+        console.print("no stale running jobs")
+
+
 @jobs_app.command("cancel")
 def cancel_job(job_id: Annotated[str, typer.Argument(help="The job id.")]) -> None:
     """Cancel a job: a queued one at once, a running one at its next progress report."""

@@ -187,3 +187,68 @@ def cancel(job_id: str, *, registry: Registry | None = None) -> JobInfo:
     """
     with _registry(registry) as reg:
         return reg.request_cancel(job_id)
+
+
+def retry(job_id: str, *, in_process: bool | None = None, queue: str | None = None) -> str:
+    """Submit a failed or cancelled job again, as a new job with the same objective and config;
+    returns the new job's id (the old row keeps its history). Arguments as `submit_training`.
+
+    Raises:
+        NotFoundError: no such job.
+        JobError: the job is queued, running or succeeded (only a failed or cancelled job is retried).
+    """
+    with _registry(None) as reg:
+        job = reg.get_job(job_id)
+    if job.status not in ("failed", "cancelled"):
+        raise JobError(f"job {job_id} is {job.status}; only a failed or cancelled job can be retried")
+    config = dict(job.config)
+    objective = str(config.pop("objective"))
+    return submit_training(objective, config, in_process=in_process, queue=queue)
+
+
+def reap(
+    *, stale_after_s: float | None = None, dry_run: bool = False, registry: Registry | None = None
+) -> list[JobInfo]:
+    """Fail running jobs whose worker is gone: no heartbeat for ``stale_after_s`` seconds
+    (default ``MAVIS_STALE_AFTER_S``). A re-delivered message would take such a job over; this is
+    for jobs whose message is lost too (a broker that lost its queue). Each job is failed by
+    compare-and-set, so a job whose heartbeat comes back meanwhile is left running.
+
+    Returns:
+        The jobs failed (with ``dry_run``: the jobs that would be).
+    """
+    from datetime import timedelta
+
+    from sqlalchemy import select, update
+
+    from mavis_lc.registry.db import session_factory
+    from mavis_lc.registry.models import TrainingJob, utcnow
+    from worker.app import WorkerSettings
+
+    limit = stale_after_s if stale_after_s is not None else WorkerSettings().stale_after_s
+    if not limit > 0:
+        raise ConfigurationError(f"stale_after_s must be > 0, got {stale_after_s!r}")
+    with _registry(registry) as reg:
+        cutoff = utcnow() - timedelta(seconds=limit)
+        stale = TrainingJob.status == "running", TrainingJob.heartbeat_at < cutoff
+        sessions = session_factory(reg.engine)
+        with sessions() as session:
+            ids = list(session.scalars(select(TrainingJob.id).where(*stale).order_by(TrainingJob.created_at)))
+        reaped = []
+        for job_id in ids:
+            if not dry_run:
+                with sessions.begin() as session:
+                    done = session.execute(
+                        update(TrainingJob)
+                        .where(TrainingJob.id == job_id, *stale)
+                        .values(
+                            status="failed",
+                            error=f"reaped: no heartbeat for more than {limit:g} s (worker lost)",
+                            finished_at=utcnow(),
+                        )
+                        .execution_options(synchronize_session=False)
+                    ).rowcount  # type: ignore[attr-defined]
+                if not done:
+                    continue
+            reaped.append(reg.get_job(job_id))
+    return reaped

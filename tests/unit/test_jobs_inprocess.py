@@ -262,3 +262,40 @@ def test_cli_exit_codes_say_how_the_job_ended(config: dict[str, Any], tmp_path: 
     failed = runner.invoke(app, ["train", "tests.rewards_for_tests:nan_score", *train_flags(config, tmp_path)])
     assert failed.exit_code == EXIT_FAILED == 3, failed.output
     assert "failed" in failed.output
+
+
+def test_retry_submits_a_failed_job_again_and_refuses_a_succeeded_one(config: dict[str, Any]) -> None:
+    from mavis_lc.jobs import retry
+
+    failed = submit_training("tests.rewards_for_tests:nan_score", config)
+    again = retry(failed)
+    assert again != failed
+    old, new = job_status(failed), job_status(again)
+    assert new.config == old.config and new.objective == old.objective and new.status == "failed"  # same reward
+    good = submit_training(REWARD, config)
+    with pytest.raises(JobError, match="is succeeded; only a failed or cancelled job"):
+        retry(good)
+    assert CliRunner().invoke(app, ["jobs", "retry", good]).exit_code == 1
+
+
+def test_reap_fails_running_jobs_without_a_heartbeat_and_only_those(config: dict[str, Any]) -> None:
+    from mavis_lc.jobs import reap
+
+    with Registry() as registry:
+        lost = registry.create_job("length_score", {"objective": REWARD, **config})
+        alive = registry.create_job("length_score", {"objective": REWARD, **config})
+        with session_factory(registry.engine).begin() as session:
+            for job_id, age in ((lost, timedelta(hours=1)), (alive, timedelta(seconds=1))):
+                session.execute(
+                    update(TrainingJob)
+                    .where(TrainingJob.id == job_id)
+                    .values(status="running", worker="w@gone", heartbeat_at=utcnow() - age)
+                )
+        assert [j.id for j in reap(stale_after_s=600, dry_run=True)] == [lost]
+        assert job_status(lost).status == "running"  # a dry run changes nothing
+        listed = CliRunner().invoke(app, ["jobs", "reap", "--stale-after-s", "600", "--json"])
+        assert listed.exit_code == 0 and [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [lost]
+        job = job_status(lost)
+        assert job.status == "failed" and "no heartbeat for more than 600 s" in (job.error or "")
+        assert job_status(alive).status == "running"
+        assert reap(stale_after_s=600) == []
