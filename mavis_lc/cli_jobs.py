@@ -407,7 +407,7 @@ def cancel_job(job_id: Annotated[str, typer.Argument(help="The job id.")]) -> No
 def worker_command(concurrency: int, loglevel: str, hostname: str | None, queues: str) -> list[str]:
     """The ``celery worker`` command line ``mavis worker`` runs."""
     command = [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        sys.executable, "-m", "celery", "-A", "mavis_lc.service.app", "worker",
         "-Q", queues, "-c", str(concurrency), "--prefetch-multiplier", "1", "--max-tasks-per-child", "1",
         "-O", "fair", "-E", "--loglevel", loglevel,
     ]  # fmt: skip
@@ -423,11 +423,15 @@ def worker(
     queues: Annotated[str, typer.Option("--queues", "-Q", help="Queues to consume.")] = "training",
 ) -> None:
     """Start a Celery training worker on MAVIS_BROKER_URL (-Q training -c 1, prefetch 1, one job per process)."""
-    from worker.app import WorkerSettings
+    from mavis_lc.runner import WorkerSettings
 
     with _errors():
         if get_settings().resolved_broker_url() is None:
             raise ConfigurationError("mavis worker needs MAVIS_BROKER_URL (e.g. redis://localhost:6379/0)")
+        from mavis_lc.extras import require
+
+        require("celery", "worker", "mavis worker")
+        require("redis", "worker", "mavis worker")
         WorkerSettings().check()
     command = worker_command(concurrency, loglevel, hostname, queues)
     os.execv(command[0], command)

@@ -279,6 +279,8 @@ def test_failed_and_cancelled_jobs_end_as_failure_and_revoked_in_celery_and_flow
     listener.start()
     try:
         service.start_worker("w1")
+        # Events sent before the receiver's queue exists are lost: start once it hears the worker.
+        wait_for(lambda: any(w.hostname.startswith("w1@") for w in seen.workers.values()), 120, "a worker event")
         failed = submit_training("tests.rewards_for_tests:nan_score", tiny_config(tiny_model_dir))
         assert wait(failed, timeout_s=120).status == "failed", service.logs()
         doomed = submit_training(SLOW, tiny_config(tiny_model_dir, n_iterations=3, seed=2))

