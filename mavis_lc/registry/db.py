@@ -26,7 +26,15 @@ from mavis_lc.settings import get_settings
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a SQLite connection waits for another writer before giving up."""
 
-SCRIPT_LOCATION = "mavis_lc:migrations"
+
+def script_location() -> str:
+    """The Alembic migrations: ``mavis_lc/migrations`` in an installed package (the wheel maps the
+    repository's top-level ``migrations/`` there), else the checkout's ``migrations/`` (editable)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1] / "migrations", here.parents[2] / "migrations"):
+        if (candidate / "env.py").is_file():
+            return str(candidate)
+    raise RuntimeError(f"the registry migrations are missing next to {here.parents[1]}; reinstall mavis-lc")
 
 
 def normalize_url(url: str) -> str:
@@ -74,6 +82,10 @@ def create_registry_engine(url: str | None = None) -> Engine:
         engine = create_engine(resolved, **kwargs)
         event.listen(engine, "connect", _set_sqlite_pragmas)
         return engine
+    if resolved.get_backend_name() == "postgresql":
+        from mavis_lc.extras import require
+
+        require("psycopg", "postgres", f"the registry at {resolved.render_as_string(hide_password=True)}")
     return create_engine(resolved, pool_pre_ping=True)
 
 
@@ -85,7 +97,7 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic config pointing at the packaged migrations and at ``url`` (default: settings)."""
     config = Config()
-    config.set_main_option("script_location", SCRIPT_LOCATION)
+    config.set_main_option("script_location", script_location())
     config.attributes["database_url"] = resolve_url(url)
     return config
 

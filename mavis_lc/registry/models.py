@@ -1,7 +1,7 @@
 """SQLAlchemy models of the registry: objectives, value-head versions, aliases, lineage,
 training jobs and weight presets.
 
-The Alembic migrations in ``mavis_lc/migrations`` create exactly these tables;
+The Alembic migrations in ``migrations/`` (shipped as ``mavis_lc/migrations``) create exactly these tables;
 ``mavis db check`` fails when the two drift apart.
 """
 

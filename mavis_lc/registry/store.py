@@ -117,7 +117,13 @@ class ArtifactStore:
             local_text = root_text.split("://", 1)[1] if protocol else root_text
             self._local_root = Path(local_text).expanduser().absolute()
         else:
-            self._fs, self._root_path = url_to_fs(root_text)
+            try:
+                self._fs, self._root_path = url_to_fs(root_text)
+            except ImportError as exc:  # fsspec names the package it needs (s3fs, gcsfs, ...)
+                from mavis_lc.extras import MissingExtraError
+
+                hint = " (the 's3' extra installs it: pip install 'mavis-lc[s3]')" if protocol in ("s3", "s3a") else ""
+                raise MissingExtraError(f"artifact store {root_text!r}: {exc}{hint}") from exc
             self._local_root = Path()
         self.cache_dir = cache_dir if cache_dir is not None else settings.resolved_cache_dir() / "artifacts"
 
