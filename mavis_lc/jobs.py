@@ -7,7 +7,7 @@
 
 With ``MAVIS_BROKER_URL`` set, a job is a ``training_jobs`` row plus a Celery message on the
 ``training`` queue, and a worker (``mavis worker``) runs it. Without a broker, `submit_training`
-runs it here and now, through the same task code (`worker.tasks.run_job`), and returns when it
+runs it here and now, through the same runner code (`mavis_lc.runner.run_job`), and returns when it
 has ended. Either way the row records status, progress, errors and the registered version.
 """
 
@@ -72,8 +72,7 @@ def submit_training(
         JobError: ``in_process=False`` and no broker is configured, or the broker refused the message
             (the job is then marked failed).
     """
-    from worker.app import TRAINING_QUEUE
-    from worker.tasks import merge_shards, run_job, sample_shard, shard_ranges, training_config
+    from mavis_lc.runner import TRAINING_QUEUE, merge_shards, run_job, sample_shard, shard_ranges, training_config
 
     target_queue = _queue_name(queue if queue is not None else TRAINING_QUEUE)
     fields = config.to_dict() if isinstance(config, TrainingConfig) else dict(config or {})
@@ -88,6 +87,11 @@ def submit_training(
     if not local and broker is None:
         raise JobError("no broker configured: set MAVIS_BROKER_URL, or run the job in-process")
     ranges = shard_ranges(n_prompts, training.rollout_prompts_per_batch, shards)
+    if not local:  # before any row exists: a missing [worker] extra leaves nothing half-written
+        from mavis_lc.extras import require
+
+        require("celery", "worker", "queuing a job")
+        require("redis", "worker", "queuing a job")
     with _registry(registry) as reg:
         job_id = reg.create_job(name, training.to_dict())
         if local:
@@ -117,9 +121,12 @@ def _queue_name(name: object) -> str:
 def _enqueue(job_id: str, ranges: list[tuple[int, int]], queue: str) -> None:
     """Send the job's message(s) by task name to ``queue``, on an app built from the current
     settings; the Celery task id of the training task is the job id."""
+    from mavis_lc.extras import require
+
+    require("celery", "worker", "queuing a job")
     from celery import chord
 
-    from worker.app import create_app
+    from mavis_lc.service.app import create_app
 
     app = create_app()
     try:
@@ -223,7 +230,7 @@ def reap(
 
     from mavis_lc.registry.db import session_factory
     from mavis_lc.registry.models import TrainingJob, utcnow
-    from worker.app import WorkerSettings
+    from mavis_lc.runner import WorkerSettings
 
     limit = stale_after_s if stale_after_s is not None else WorkerSettings().stale_after_s
     if not limit > 0:

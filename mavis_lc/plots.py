@@ -30,8 +30,9 @@ def save_fronts_plot(
 ) -> Path:
     """Write one scatter with error bars per method in ``series``, each with its Pareto front
     drawn dashed and labelled with the series name."""
-    import matplotlib
+    from mavis_lc.extras import require
 
+    matplotlib = require("matplotlib", "eval", "plotting Pareto fronts")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

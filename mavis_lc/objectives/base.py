@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mavis_lc.errors import ConfigurationError, RewardError
+from mavis_lc.extras import MissingExtraError
 
 RewardFunction = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 """``reward_fn(prompts, responses) -> scores``: one score per pair, higher is better.
@@ -83,12 +84,15 @@ def score_checked(objective: Objective, prompts: Sequence[str], responses: Seque
         RewardError: the reward function raised (the exception is chained), or returned the
             wrong number of scores, a non-number, NaN, infinity, or a score outside the
             objective's ``reward_range``. The message names the objective and the bad value.
+        MissingExtraError: the reward needs a package the install lacks (the message names the extra).
     """
     _check_texts(objective.name, prompts, responses)
     if not responses:
         return []
     try:
         raw: Any = objective.reward_fn(prompts, responses)
+    except MissingExtraError:  # not the reward's fault: the install lacks a package (the message names the extra)
+        raise
     except Exception as exc:
         raise RewardError(f"objective {objective.name!r}: reward function raised {type(exc).__name__}: {exc}") from exc
     return _check_scores(objective, raw, expected=len(responses))

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from mavis_lc.errors import ConfigurationError
+from mavis_lc.extras import require
 from mavis_lc.objectives.base import Objective
 from mavis_lc.objectives.relevance import relevance
 
@@ -25,9 +26,8 @@ DEFAULT_REFERENCE_WORDS = 50
 
 @lru_cache(maxsize=1)
 def _vader() -> SentimentIntensityAnalyzer:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
+    vader = require("vaderSentiment.vaderSentiment", "objectives", "the positivity objective")
+    return vader.SentimentIntensityAnalyzer()  # type: ignore[no-any-return]
 
 
 def _positivity(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -46,8 +46,7 @@ def positivity() -> Objective:
 
 
 def _readability(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    import textstat
-
+    textstat = require("textstat", "objectives", "the readability objective")
     scores = []
     for response in responses:
         if not response.strip():
@@ -74,9 +73,8 @@ def readability() -> Objective:
 
 
 def _non_profanity(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    from profanity_check import predict_prob
-
-    return [1.0 - float(p) for p in predict_prob(list(responses))]
+    profanity_check = require("profanity_check", "objectives", "the non_profanity objective")
+    return [1.0 - float(p) for p in profanity_check.predict_prob(list(responses))]
 
 
 def non_profanity() -> Objective:

