@@ -98,6 +98,11 @@ def resolve_heads(
     return sources
 
 
+def heads_info(sources: Sequence[HeadSource]) -> list[dict[str, object]]:
+    """Heads as LangChain generation metadata records them: objective, spec, version, sha256."""
+    return [{"objective": s.objective, "spec": s.spec, "version": s.version, "sha256": s.sha256} for s in sources]
+
+
 class MavisEngine:
     """A `MavisDecoder` shared by every thread and event loop of the process: calls go through
     its `BatchScheduler`, which merges concurrent requests into shared batches (bounded by
@@ -125,9 +130,7 @@ class MavisEngine:
 
     def heads_info(self) -> list[dict[str, object]]:
         """The heads in use, as recorded in LangChain generation metadata."""
-        return [
-            {"objective": s.objective, "spec": s.spec, "version": s.version, "sha256": s.sha256} for s in self.sources
-        ]
+        return heads_info(self.sources)
 
     def generate(
         self,

@@ -18,7 +18,7 @@ import json
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from operator import itemgetter
 from pathlib import Path
@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from mavis_lc import decoding
 from mavis_lc.base_model import PACKAGED_CONTEXT, LoadOptions, load_base_model
-from mavis_lc.engine import MavisEngine, engine_for, is_head_file, resolve_heads
+from mavis_lc.engine import HeadSource, MavisEngine, engine_for, heads_info, is_head_file, resolve_heads
 from mavis_lc.errors import ConfigurationError, DecodingParameterError
 from mavis_lc.grammar import Grammar
 from mavis_lc.settings import PACKAGED_BASE_MODEL, get_settings
@@ -97,6 +97,9 @@ class _Resolution:
     engine: MavisEngine
     presets: dict[str, tuple[dict[str, float], list[str]]]
     at: float
+    sources: list[HeadSource] = field(default_factory=list)
+    """The heads as this object resolved them (its specs, versions): the engine may be shared
+    with another object that named the same files differently."""
 
 
 def _read_preset(registry: Any, name: str) -> tuple[dict[str, float], list[str]]:
@@ -197,7 +200,7 @@ class _MavisParams(BaseModel):
         these, so an alias move, a preset change or another base is never served from the cache."""
         engine = self.engine()
         return {
-            "resolved_heads": [(s.objective, s.version, s.sha256) for s in engine.sources],
+            "resolved_heads": [(s.objective, s.version, s.sha256) for s in self._resolution().sources],
             "resolved_base": [
                 engine.base.model_id,
                 engine.base.fingerprint,
@@ -284,7 +287,9 @@ class _MavisParams(BaseModel):
             if registry is not None:
                 registry.close()
         engine = engine_for(self.base_model, sources, allow_other_base=self.allow_other_base, **self._load_kwargs())
-        resolution = self._resolved.value = _Resolution(engine=engine, presets=presets, at=time.monotonic())
+        resolution = self._resolved.value = _Resolution(
+            engine=engine, presets=presets, at=time.monotonic(), sources=list(sources)
+        )
         return resolution
 
     def _load_kwargs(self) -> dict[str, Any]:
@@ -365,7 +370,9 @@ class _MavisParams(BaseModel):
         return engine, config, rows, seeds, grammars
 
     def _metadata(self, engine: MavisEngine, generation: decoding.Generation) -> dict[str, Any]:
-        return {**generation.info(), "model_name": engine.base.model_id, "heads": engine.heads_info()}
+        resolved = self._resolved.value
+        sources = resolved.sources if resolved is not None and resolved.engine is engine else engine.sources
+        return {**generation.info(), "model_name": engine.base.model_id, "heads": heads_info(sources)}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]

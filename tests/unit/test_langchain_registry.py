@@ -178,3 +178,17 @@ def test_latest_and_aliases_resolve_among_versions_trained_on_the_loaded_base(
     register(registry, other, "conciseness", 3)  # trained on the sibling only
     with pytest.raises(IncompatibleHeadError, match="'conciseness' has no ready version trained on the loaded base"):
         MavisLLM(base_model=str(tiny_model_dir), heads=["conciseness"], max_tokens=4).invoke("Hello")
+
+
+def test_objects_sharing_an_engine_report_their_own_specs_and_versions(base: BaseModel, tiny_model_dir: Path) -> None:
+    registry = Registry()
+    register(registry, base, "positivity", 5)
+    registry.set_alias("positivity", "prod", 1)
+    path = str(registry.fetch_artifact(registry.resolve("positivity@1")))
+    by_file = MavisLLM(base_model=str(tiny_model_dir), heads=[path], max_tokens=4, seed=0)
+    by_alias = MavisLLM(base_model=str(tiny_model_dir), heads=["positivity@prod"], max_tokens=4, seed=0)
+    assert by_file.engine() is by_alias.engine()  # the same weights: one engine
+    file_heads = by_file.generate(["Hi"]).generations[0][0].generation_info["heads"]  # type: ignore[index]
+    alias_heads = by_alias.generate(["Hi"]).generations[0][0].generation_info["heads"]  # type: ignore[index]
+    assert (file_heads[0]["spec"], file_heads[0]["version"]) == (path, None)
+    assert (alias_heads[0]["spec"], alias_heads[0]["version"]) == ("positivity@prod", 1)
