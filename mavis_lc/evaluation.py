@@ -41,6 +41,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from mavis_lc.base_model import BaseModel
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder
 from mavis_lc.engine import MavisEngine
 from mavis_lc.errors import ConfigurationError
+from mavis_lc.extras import MissingExtraError
 from mavis_lc.objectives import Objective, get_objective
 from mavis_lc.plots import FrontPoint, save_fronts_plot
 from mavis_lc.training import format_prompts
@@ -634,9 +636,12 @@ def write_report(report: EvalReport, folder: str | Path, *, title: str = "MAVIS 
                 _half_width(r.reward_ci[y]),
             )
             series.setdefault(r.label, []).append(point)
-        paths["plot"] = save_fronts_plot(
-            series, out / "pareto.png", title=title, x_label=f"{x} reward", y_label=f"{y} reward"
-        )
+        try:
+            paths["plot"] = save_fronts_plot(
+                series, out / "pareto.png", title=title, x_label=f"{x} reward", y_label=f"{y} reward"
+            )
+        except MissingExtraError as exc:  # the tables are written; only the picture needs the [eval] extra
+            warnings.warn(f"pareto.png not written: {exc}", RuntimeWarning, stacklevel=2)
     return paths
 
 

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from mavis_lc.bootstrap import mean_ci
 from mavis_lc.evaluation import weights_label
+from mavis_lc.extras import MissingExtraError
 from mavis_lc.langchain import ChatMavis
 from mavis_lc.objectives import get_objective
 from mavis_lc.plots import FrontPoint, save_fronts_plot
@@ -275,21 +276,27 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
         )
         for p in per_setting
     ]
-    plot = save_fronts_plot(
-        {"Pareto front": points},
-        output_dir / f"{plan.alias}-pareto.png",
-        x_label=f"{OBJECTIVES[0]} reward (mean)",
-        y_label=f"{OBJECTIVES[1]} reward (mean)",
-        title=f"MAVIS on SmolLM2, beta={plan.beta}",
-    )
+    plot: Path | None
+    try:
+        plot = save_fronts_plot(
+            {"Pareto front": points},
+            output_dir / f"{plan.alias}-pareto.png",
+            x_label=f"{OBJECTIVES[0]} reward (mean)",
+            y_label=f"{OBJECTIVES[1]} reward (mean)",
+            title=f"MAVIS on SmolLM2, beta={plan.beta}",
+        )
+    except MissingExtraError as exc:  # the tables and the summary do not need matplotlib
+        plot = None
+        out.print(f"Pareto plot skipped: {exc}")
     summary_path = output_dir / f"{plan.alias}-summary.json"
     result = {
         "settings": per_setting,
         "checks": checks,
-        "plot": str(plot),
+        "plot": str(plot) if plot is not None else None,
         "versions": {o: versions[o].version for o in OBJECTIVES},
     }
     summary_path.write_text(json.dumps(result, indent=2))
-    out.print(f"Pareto plot: {plot.resolve()}")
+    if plot is not None:
+        out.print(f"Pareto plot: {plot.resolve()}")
     out.print(f"summary: {summary_path.resolve()}")
     return result
