@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 
 from mavis_lc.cli_jobs import jobs_app, train, worker
 from mavis_lc.cli_registry import db_app, registry_app
@@ -77,7 +78,7 @@ def generate(
         config = DecodeConfig(max_new_tokens=max_tokens, top_k=top_k, temperature=temperature, beta=beta, seed=seed)
         results = engine.generate(texts, parse_weights(weights), config)
     except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {exc}")
+        error_console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     for prompt, result in zip(prompts, results, strict=True):
         if as_json:
@@ -102,7 +103,7 @@ def quickstart(
     try:
         run_quickstart(fast=fast, retrain=retrain, output_dir=output_dir, console=console)
     except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {exc}")
+        error_console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 
@@ -218,7 +219,7 @@ def eval_command(
         report.excluded_prompts = excluded
         paths = write_report(report, output_dir)
     except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {exc}")
+        error_console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     summary = paths["markdown"].read_text()
     console.print(Markdown(summary) if console.is_terminal else summary, markup=False, highlight=False)

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -48,10 +49,10 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except TimeoutError as exc:
-        error_console.print(f"[red]timed out:[/red] {exc}", markup=True, highlight=False)
+        error_console.print(f"[red]timed out:[/red] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(EXIT_TIMEOUT) from None
     except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        error_console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -163,7 +164,7 @@ def _report(job: JobInfo) -> None:
                 )
         console.print(f"job {job.id} succeeded: registered {version or job.result_version_id}")
         return
-    error_console.print(f"job {job.id} {job.status}" + (f": {job.error}" if job.error else ""))
+    error_console.print(f"job {job.id} {job.status}" + (f": {job.error}" if job.error else ""), markup=False)
     raise typer.Exit(EXIT_CANCELLED if job.status == "cancelled" else EXIT_FAILED)
 
 

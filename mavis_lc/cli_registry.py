@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mavis_lc.errors import MavisError
@@ -44,7 +45,7 @@ def _registry() -> Iterator[Registry]:
         with Registry() as registry:
             yield registry
     except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        error_console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -98,7 +99,7 @@ def db_upgrade(url: UrlOption = None, revision: str = "head") -> None:
     try:
         registry_db.upgrade(url, revision)
     except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"registry database at revision {registry_db.head_revision()}")
 
@@ -109,7 +110,7 @@ def db_check(url: UrlOption = None) -> None:
     try:
         differences = registry_db.check(url)
     except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     if differences:
         for line in differences:

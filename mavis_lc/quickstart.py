@@ -287,7 +287,8 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
         )
     except MissingExtraError as exc:  # the tables and the summary do not need matplotlib
         plot = None
-        out.print(f"Pareto plot skipped: {exc}")
+        out.print(f"Pareto plot skipped: {exc}", markup=False, highlight=False)
+    output_dir.mkdir(parents=True, exist_ok=True)
     summary_path = output_dir / f"{plan.alias}-summary.json"
     result = {
         "settings": per_setting,

@@ -118,3 +118,17 @@ def test_read_commands_print_json(registry: Registry) -> None:
     assert shown["version"]["metrics"]["val_mse"] == 0.125 and [c["version"] for c in shown["children"]] == [2]
     assert lines("registry", "presets", "list")[0]["pinned_specs"] == ["positivity@1"]
     assert lines("registry", "presets", "show", "friendly")[0]["weights"] == {"positivity": 0.7}
+
+
+def test_an_error_naming_an_extra_keeps_its_brackets(mavis_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The registry at a PostgreSQL URL without psycopg: the message names mavis-lc[postgres],
+    # which rich markup would otherwise swallow as a tag.
+    monkeypatch.setenv("MAVIS_DATABASE_URL", "postgresql://user@127.0.0.1:1/db")
+    import sys
+
+    from mavis_lc.settings import get_settings
+
+    get_settings.cache_clear()
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # not installed
+    code, output = invoke("registry", "objectives")
+    assert code == 1 and "pip install 'mavis-lc[postgres]'" in " ".join(output.split())
