@@ -38,6 +38,11 @@ class InvalidWeightError(ConfigurationError):
     """An objective weight is negative, NaN, infinite, or not a number."""
 
 
+class MissingExtraError(ConfigurationError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it
+    (``pip install 'mavis-lc[<extra>]'``, see `mavis_lc.extras`)."""
+
+
 class UnknownObjectiveError(ConfigurationError, KeyError):
     """An objective name is not among the loaded or registered ones."""
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from mavis_lc.errors import ConfigurationError
+from mavis_lc.errors import MissingExtraError
 
-
-class MissingExtraError(ConfigurationError, ImportError):
-    """An optional dependency is not installed; the message names the extra that brings it."""
+__all__ = ["MissingExtraError", "require"]
 
 
 def require(module: str, extra: str, needed_for: str) -> ModuleType:
