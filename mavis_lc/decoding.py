@@ -293,9 +293,7 @@ class MavisDecoder:
             return
         rows = _weight_rows(weights, batch)
         row_seeds = self.row_seeds(cfg, seeds, batch)
-        if row_options is not None and len(row_options) != batch:
-            raise DecodingParameterError(f"got {len(row_options)} row options for {batch} prompts; give one per prompt")
-        row_cfgs = [cfg] * batch if row_options is None else [o.resolve(cfg) for o in row_options]
+        row_cfgs = self.row_configs(cfg, row_options, batch)
         constraints = self.constraints(grammars, batch)
         device = self.base.device
         tok = self.base.tokenizer
@@ -439,6 +437,15 @@ class MavisDecoder:
             else:
                 out.append(compiled[checked].copy())
         return out
+
+    @staticmethod
+    def row_configs(cfg: DecodeConfig, row_options: Sequence[RowOptions] | None, batch: int) -> list[DecodeConfig]:
+        """Each row's config: ``cfg`` with its `RowOptions` (one per row) in place, else ``cfg``."""
+        if row_options is None:
+            return [cfg] * batch
+        if len(row_options) != batch:
+            raise DecodingParameterError(f"got {len(row_options)} row options for {batch} prompts; give one per prompt")
+        return [o.resolve(cfg) for o in row_options]
 
     @staticmethod
     def row_seeds(cfg: DecodeConfig, seeds: Sequence[int] | None, batch: int) -> list[int]:

@@ -128,10 +128,6 @@ class MavisEngine:
     def objectives(self) -> list[str]:
         return self.decoder.objectives
 
-    def heads_info(self) -> list[dict[str, object]]:
-        """The heads in use, as recorded in LangChain generation metadata."""
-        return heads_info(self.sources)
-
     def generate(
         self,
         prompts: Sequence[str],

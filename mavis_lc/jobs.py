@@ -120,10 +120,8 @@ def _queue_name(name: object) -> str:
 
 def _enqueue(job_id: str, ranges: list[tuple[int, int]], queue: str) -> None:
     """Send the job's message(s) by task name to ``queue``, on an app built from the current
-    settings; the Celery task id of the training task is the job id."""
-    from mavis_lc.extras import require
-
-    require("celery", "worker", "queuing a job")
+    settings; the Celery task id of the training task is the job id. `submit_training` has
+    checked that the [worker] extra is installed."""
     from celery import chord
 
     from mavis_lc.service.app import create_app

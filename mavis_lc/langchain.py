@@ -198,9 +198,10 @@ class _MavisParams(BaseModel):
         """What a decode actually uses: each head's objective, version and sha256, the base
         model's identity and the default weights (a preset's, resolved). The LLM cache key holds
         these, so an alias move, a preset change or another base is never served from the cache."""
-        engine = self.engine()
+        resolution = self._resolution()
+        engine = resolution.engine
         return {
-            "resolved_heads": [(s.objective, s.version, s.sha256) for s in self._resolution().sources],
+            "resolved_heads": [(s.objective, s.version, s.sha256) for s in resolution.sources],
             "resolved_base": [
                 engine.base.model_id,
                 engine.base.fingerprint,

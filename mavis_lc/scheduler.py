@@ -232,21 +232,17 @@ class BatchScheduler:
         rows = _weight_rows(weights, batch)
         weight_matrix(rows, decoder.objectives)  # validates every row
         row_seeds = decoder.row_seeds(config, seeds, batch)
-        if row_options is not None and len(row_options) != batch:
-            from mavis_lc.errors import DecodingParameterError
-
-            raise DecodingParameterError(f"got {len(row_options)} row options for {batch} prompts; give one per prompt")
-        options = list(row_options) if row_options is not None else [RowOptions()] * batch
+        row_cfgs = decoder.row_configs(config, row_options, batch)
         lengths = decoder.base.tokenizer(list(prompts))["input_ids"] if batch else []
-        for option, ids in zip(options, lengths, strict=True):
-            decoder.check(option.resolve(config), len(ids))
+        for row_cfg, ids in zip(row_cfgs, lengths, strict=True):
+            decoder.check(row_cfg, len(ids))
         constraints = decoder.constraints(grammars, batch)
         request = _Request(
             prompts=list(prompts),
             weights=rows,
             seeds=row_seeds,
             constraints=constraints,
-            options=options,
+            options=list(row_options) if row_options is not None else [RowOptions()] * batch,
             config=config,
             sink=_Sink(loop),
             remaining=batch,
