@@ -35,11 +35,9 @@ from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.grammar import Grammar, GrammarCompiler
 from mavis_lc.quickstart import shipped_prompts
-from mavis_lc.separate_backbone import new_separate_backbone
-from mavis_lc.side_branch import new_side_branch
 from mavis_lc.training import format_prompts
 from mavis_lc.training import load_prompts as training_prompts
-from mavis_lc.value_model import ValueModel, new_shared_head
+from mavis_lc.value_models import ValueModel, new_separate_backbone, new_shared_head, new_side_branch
 
 QUESTIONS = shipped_prompts("train")[:8]
 """The prompts every run uses unless given others: the first quickstart training prompts."""

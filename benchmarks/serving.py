@@ -44,7 +44,7 @@ def main() -> None:
     from mavis_lc import MavisLLM
     from mavis_lc.base_model import load_base_model
     from mavis_lc.registry import Registry
-    from mavis_lc.value_model import new_shared_head
+    from mavis_lc.value_models import new_shared_head
 
     queries: list[str] = []
     event.listen(Engine, "before_cursor_execute", lambda *a: queries.append(str(a[2])))  # every engine's statements

@@ -26,7 +26,7 @@ from mavis_lc.errors import (
 )
 from mavis_lc.langchain import ChatMavis, MavisLLM
 from mavis_lc.settings import Settings, get_settings
-from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel, load_value_model, new_shared_head
+from mavis_lc.value_models import SharedBackboneQHead, ValueHeadConfig, ValueModel, load_value_model, new_shared_head
 from mavis_lc.weights import parse_weights, validate_weights
 
 __version__ = "0.1.0"

@@ -23,8 +23,7 @@ from transformers import DynamicCache
 from mavis_lc.base_model import BaseModel, with_cache
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
 from mavis_lc.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
-from mavis_lc.separate_backbone import LayerTap
-from mavis_lc.value_model import ValueModel, check_compatible, prompt_mean
+from mavis_lc.value_models import LayerTap, ValueModel, check_compatible, prompt_mean
 from mavis_lc.weights import Weights, weight_matrix
 
 

@@ -23,7 +23,7 @@ from mavis_lc.errors import ModelLoadError
 from mavis_lc.grammar import Grammar
 from mavis_lc.scheduler import BatchScheduler
 from mavis_lc.settings import get_settings
-from mavis_lc.value_model import load_value_model
+from mavis_lc.value_models import load_value_model
 from mavis_lc.weights import Weights
 
 
@@ -76,7 +76,7 @@ def resolve_heads(
             if is_head_file(spec):
                 if not path.is_file():
                     raise ModelLoadError(f"value head file {spec!r} does not exist")
-                from mavis_lc.value_model import read_head_config
+                from mavis_lc.value_models import read_head_config
 
                 config, _ = read_head_config(path)
                 sources.append(HeadSource(spec, config.objective, _sha256(path), path))

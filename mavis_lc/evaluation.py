@@ -58,7 +58,7 @@ from mavis_lc.extras import MissingExtraError
 from mavis_lc.objectives import Objective, get_objective
 from mavis_lc.plots import FrontPoint, save_fronts_plot
 from mavis_lc.training import format_prompts
-from mavis_lc.value_model import ValueHeadConfig, ValueModel
+from mavis_lc.value_models import ValueHeadConfig, ValueModel
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(label, done, total)`` after every decoded chunk."""

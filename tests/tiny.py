@@ -69,7 +69,7 @@ def save_random_heads(model_dir: Path, names: list[str], folder: Path, *, seed: 
     """Save a shared-backbone head with standard-normal parameters per objective in ``names``
     (seeds ``seed``, ``seed + 1``, ...) to ``folder``; returns their paths."""
     from mavis_lc.base_model import load_base_model
-    from mavis_lc.value_model import new_shared_head
+    from mavis_lc.value_models import new_shared_head
 
     base = load_base_model(str(model_dir))
     paths = []

@@ -950,7 +950,7 @@ def _describe_base(row: ValueHeadVersion) -> str:
 def _recorded_weights_fingerprint(artifact: ArtifactSource) -> str | None:
     """The base weights fingerprint a head artifact records, if it is one that records it."""
     from mavis_lc.errors import ModelLoadError
-    from mavis_lc.value_model import read_head_config
+    from mavis_lc.value_models import read_head_config
 
     try:
         config, _ = read_head_config(artifact if isinstance(artifact, bytes) else Path(artifact))

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from mavis_lc.base_model import BaseModel
-from mavis_lc.separate_backbone import KVBatch
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.rollouts import longest_response, planned_tokens
+from mavis_lc.value_models import KVBatch
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,10 @@ from torch import nn
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError, TrainingCancelled
-from mavis_lc.separate_backbone import SeparateBackboneValueModel
-from mavis_lc.side_branch import SideBranchValueModel
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.metrics import StateMetrics, sibling_groups
 from mavis_lc.training.rollouts import TreeRollouts
-from mavis_lc.value_model import SharedBackboneQHead
+from mavis_lc.value_models import SeparateBackboneValueModel, SharedBackboneQHead, SideBranchValueModel
 
 FitProgress = Callable[[int, int, dict[str, float]], None]
 """``progress(epoch, epochs, metrics)`` after every epoch."""

@@ -62,10 +62,9 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError, ModelLoadError, TrainingCancelled
-from mavis_lc.separate_backbone import KVBatch
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.files import write_atomic
-from mavis_lc.value_model import ValueModel
+from mavis_lc.value_models import KVBatch, ValueModel
 
 _META_KEY = "mavis_rollouts"
 

@@ -34,16 +34,23 @@ from safetensors.torch import load_file, save
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError, RewardError, TrainingCancelled, TrainingError
 from mavis_lc.objectives import Objective, get_objective
-from mavis_lc.separate_backbone import SeparateBackboneValueModel, new_separate_backbone
 from mavis_lc.settings import get_settings
-from mavis_lc.side_branch import SideBranchValueModel, new_side_branch
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.files import write_atomic
 from mavis_lc.training.fit import fit_separate_backbone, fit_shared_head, fit_shared_head_averaged, fit_side_branch
 from mavis_lc.training.prompts import format_prompts, load_prompts
 from mavis_lc.training.rollouts import TreeRollouts, sample_trees
 from mavis_lc.training.targets import TreeTargets, compute_targets, reward_stats, score_leaves
-from mavis_lc.value_model import SharedBackboneQHead, ValueModel, load_value_model, new_shared_head
+from mavis_lc.value_models import (
+    SeparateBackboneValueModel,
+    SharedBackboneQHead,
+    SideBranchValueModel,
+    ValueModel,
+    load_value_model,
+    new_separate_backbone,
+    new_shared_head,
+    new_side_branch,
+)
 
 ProgressCallback = Callable[[str, int, int, int, dict[str, float]], None]
 """``progress(stage, iteration, step, total, metrics)``; stage is rollouts, rewards or fit."""

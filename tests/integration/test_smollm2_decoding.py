@@ -10,7 +10,7 @@ import torch
 
 from mavis_lc.base_model import PACKAGED_BASE_MODEL, BaseModel, load_base_model, packaged_smollm2_dir
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
-from mavis_lc.value_model import SharedBackboneQHead, new_shared_head
+from mavis_lc.value_models import SharedBackboneQHead, new_shared_head
 
 pytestmark = pytest.mark.integration
 

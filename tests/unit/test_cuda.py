@@ -10,7 +10,7 @@ import torch
 from mavis_lc.base_model import load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.training import sample_trees
-from mavis_lc.value_model import new_shared_head
+from mavis_lc.value_models import new_shared_head
 from tests.unit.test_side_branch import PROMPTS, TREES
 
 pytestmark = pytest.mark.cuda
@@ -48,9 +48,9 @@ def test_rollouts_and_heads_run_on_the_gpu_with_float32_heads(tiny_model_dir: Pa
 
 
 def test_a_side_branch_fits_on_the_gpu_under_autocast_with_float32_weights(tiny_model_dir: Path) -> None:
-    from mavis_lc.side_branch import new_side_branch
     from mavis_lc.training import TrainingConfig
     from mavis_lc.training.fit import fit_side_branch
+    from mavis_lc.value_models import new_side_branch
 
     base = load_base_model(str(tiny_model_dir), device="cuda", dtype="bfloat16")
     rollouts = sample_trees(base, PROMPTS * 2, TREES, tap_layer=1)

@@ -10,7 +10,7 @@ import torch
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder, mavis_step
 from mavis_lc.errors import DecodingParameterError, InvalidWeightError, UnknownObjectiveError
-from mavis_lc.value_model import SharedBackboneQHead, new_shared_head
+from mavis_lc.value_models import SharedBackboneQHead, new_shared_head
 
 PROMPTS = ["Hello there", "Tell me about cats please", "The quick brown fox", "I love sunny days"]
 

@@ -32,7 +32,7 @@ from mavis_lc.evaluation import (
 )
 from mavis_lc.objectives import Objective
 from mavis_lc.training import format_prompts
-from mavis_lc.value_model import new_shared_head
+from mavis_lc.value_models import new_shared_head
 from tests.tiny import save_random_heads
 
 PROMPTS = ["Hello there", "Tell me about cats", "The quick brown fox"]

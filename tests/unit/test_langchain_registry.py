@@ -11,7 +11,7 @@ from mavis_lc import MavisLLM
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.errors import ArtifactError, IncompatibleHeadError, NotFoundError
 from mavis_lc.registry import Registry
-from mavis_lc.value_model import ValueHeadConfig, new_shared_head
+from mavis_lc.value_models import ValueHeadConfig, new_shared_head
 
 
 @pytest.fixture

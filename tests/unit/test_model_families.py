@@ -11,7 +11,7 @@ import torch
 from mavis_lc.base_model import BaseModel, LogitTransform, load_base_model, logit_transform_of
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.errors import ModelLoadError
-from mavis_lc.value_model import new_shared_head
+from mavis_lc.value_models import new_shared_head
 from tests.tiny import build_tiny_family
 
 FAMILIES = ["llama", "cohere", "gemma2"]

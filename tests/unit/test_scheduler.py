@@ -17,7 +17,7 @@ from mavis_lc.decoding import DecodeConfig, MavisDecoder, RowOptions, StreamStep
 from mavis_lc.errors import DecodingParameterError, UnknownObjectiveError
 from mavis_lc.grammar import Grammar
 from mavis_lc.scheduler import BatchScheduler
-from mavis_lc.value_model import load_value_model
+from mavis_lc.value_models import load_value_model
 from tests.tiny import save_random_heads
 
 PROMPTS = ["I love sunny days", "Tell me about cats.", "This is awful", "The quick brown fox", "Numbers: 0 1 2"]

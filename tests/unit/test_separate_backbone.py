@@ -10,9 +10,8 @@ import torch
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.errors import ConfigurationError
-from mavis_lc.separate_backbone import KVBatch, SeparateBackboneValueModel, new_separate_backbone
 from mavis_lc.training import TrainingConfig, compute_targets, fit_separate_backbone, format_prompts, sample_trees
-from mavis_lc.value_model import load_value_model
+from mavis_lc.value_models import KVBatch, SeparateBackboneValueModel, load_value_model, new_separate_backbone
 
 
 @pytest.fixture

@@ -13,12 +13,19 @@ import torch
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.errors import ConfigurationError, IncompatibleHeadError, ModelLoadError
-from mavis_lc.separate_backbone import LayerTap
-from mavis_lc.side_branch import SideBranchValueModel, load_side_branch, new_side_branch
 from mavis_lc.training import TrainingConfig, sample_trees
 from mavis_lc.training.fit import _pack_trees, fit_side_branch
 from mavis_lc.training.rollouts import TreeRollouts, merge_rollouts
-from mavis_lc.value_model import SharedBackboneQHead, load_value_model, new_shared_head, read_head_config
+from mavis_lc.value_models import (
+    LayerTap,
+    SharedBackboneQHead,
+    SideBranchValueModel,
+    load_side_branch,
+    load_value_model,
+    new_shared_head,
+    new_side_branch,
+    read_head_config,
+)
 from tests.tiny import build_tiny_model
 
 TREES = TrainingConfig(

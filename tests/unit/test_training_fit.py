@@ -25,7 +25,7 @@ from mavis_lc.training import (
 from mavis_lc.training.fit import listwise_cross_entropy
 from mavis_lc.training.metrics import sibling_groups
 from mavis_lc.training.rollouts import TreeRollouts
-from mavis_lc.value_model import new_shared_head
+from mavis_lc.value_models import new_shared_head
 
 CONFIG = TrainingConfig(
     k_root=2, k_children=2, n_layers=2, segment_min_tokens=2, segment_max_tokens=4, top_k=10,

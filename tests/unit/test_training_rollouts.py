@@ -12,10 +12,9 @@ import torch
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import mavis_step
 from mavis_lc.errors import ConfigurationError, TrainingCancelled
-from mavis_lc.separate_backbone import new_separate_backbone
 from mavis_lc.training import TrainingConfig, TreeRollouts, format_prompts, merge_rollouts, sample_trees
 from mavis_lc.training.rollouts import _sample_step, planned_tokens
-from mavis_lc.value_model import new_shared_head
+from mavis_lc.value_models import new_separate_backbone, new_shared_head
 
 CONFIG = TrainingConfig(
     k_root=3, k_children=2, n_layers=3, segment_min_tokens=2, segment_max_tokens=5, t_max_tokens=200,

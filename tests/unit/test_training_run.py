@@ -14,7 +14,7 @@ import pytest
 from mavis_lc.base_model import load_base_model
 from mavis_lc.errors import ConfigurationError, RewardError, TrainingCancelled
 from mavis_lc.training import TrainingConfig, first_human_turn, load_prompts, train_objective
-from mavis_lc.value_model import SharedBackboneQHead, load_value_model, read_head_config
+from mavis_lc.value_models import SharedBackboneQHead, load_value_model, read_head_config
 
 PROMPTS = ["I love cats", "awful rain", "Tell me a story", "Numbers 1 2", "Hi there", "sunny days"]
 

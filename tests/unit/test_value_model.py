@@ -13,7 +13,7 @@ import torch
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.errors import IncompatibleHeadError, ModelLoadError
-from mavis_lc.value_model import (
+from mavis_lc.value_models import (
     SharedBackboneQHead,
     ValueHeadConfig,
     load_value_model,

@@ -31,8 +31,9 @@ from transformers import AutoModel
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError, IncompatibleHeadError
-from mavis_lc.separate_backbone import KVBatch, _config_from_dict, layer_stack_config
-from mavis_lc.value_model import SharedBackboneQHead, ValueHeadConfig, ValueModel, frozen
+from mavis_lc.value_models.base import ValueHeadConfig, ValueModel, frozen
+from mavis_lc.value_models.shared_head import SharedBackboneQHead
+from mavis_lc.value_models.stacks import KVBatch, config_from_dict, layer_stack_config
 
 SIDE_BRANCH = "side_branch"
 
@@ -48,7 +49,7 @@ class SideBranchValueModel(ValueModel):
     def __init__(self, config: ValueHeadConfig, token_embeddings: torch.Tensor) -> None:
         super().__init__()
         self.config = config
-        self.branch = AutoModel.from_config(_config_from_dict(config.options["model_config"]))
+        self.branch = AutoModel.from_config(config_from_dict(config.options["model_config"]))
         self.branch.embed_tokens = nn.Identity()  # its inputs are the base's layer-(N-L) states
         self.q_head = SharedBackboneQHead(config, token_embeddings)
         self._state: KVBatch | None = None

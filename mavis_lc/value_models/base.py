@@ -1,20 +1,11 @@
-"""Value models Q_m(s, a): the interface the decoder calls, and the shared-backbone Q head.
+"""The value-model interface the decoder calls, and the artifact format every kind shares.
 
-A value model scores the k candidate next tokens of every decoding state in a batch:
-``q_values(hidden, candidate_ids) -> (B, k)``. The shared-backbone head reads the frozen base
-model's final hidden state h(s) and scores candidates through the base's own token embeddings:
-
-    Q(s, a) = <W h(s) + U p + c, E_a> + b_a + v(s),      v(s) = <w_v, h(s)> + b_v
-
-``p`` is the prompt-pooled query (``options["prompt_query"]``, off by default): the mean of the
-base's final hidden states over the prompt's tokens, computed once at prefill, so a head can
-score how a candidate relates to the prompt as such (relevance), not only through the last
-state. Without the option the ``U p`` term is absent.
-
-``v(s)`` is a per-state baseline: it does not change the tilt (softmax over candidates is
-invariant to it) but lets regression on Monte Carlo targets separate "how good is this state"
-from "how much better is this token". All parameters start at zero, so a fresh head has Q = 0
-everywhere and MAVIS decoding with it is exactly base sampling.
+A value model Q_m(s, a) scores the k candidate next tokens of every decoding state in a batch:
+``q_values(hidden, candidate_ids) -> (B, k)``. Three kinds implement `ValueModel`:
+`mavis_lc.value_models.shared_head` (a head on the base's final hidden state),
+`mavis_lc.value_models.side_branch` (trainable copies of the base's last layers) and
+`mavis_lc.value_models.separate_backbone` (a small causal LM of its own);
+`mavis_lc.value_models.loading.load_value_model` reads any of them.
 
 Artifacts are one safetensors file whose single metadata key ``mavis_config`` holds the
 `ValueHeadConfig` as JSON. Nothing is ever unpickled.
@@ -108,7 +99,7 @@ class ValueModel(nn.Module):
 
     A value model whose `tap_layer` is not None reads the base's hidden states at the input of
     that decoder layer: the caller passes them as ``taps``, (B, P, d) over the prompts to
-    `begin` and (B, d) for the new tokens to `advance` (`mavis_lc.separate_backbone.LayerTap`).
+    `begin` and (B, d) for the new tokens to `advance` (`mavis_lc.value_models.stacks.LayerTap`).
     """
 
     config: ValueHeadConfig
@@ -149,54 +140,6 @@ class ValueModel(nn.Module):
     def to_bytes(self) -> bytes:
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.state_dict().items()}
         return bytes(save_safetensors_bytes(tensors, metadata={CONFIG_KEY: self.config.to_json()}))
-
-
-class SharedBackboneQHead(ValueModel):
-    """Q head on the frozen base model's final hidden state, scoring with its token embeddings."""
-
-    def __init__(self, config: ValueHeadConfig, token_embeddings: torch.Tensor) -> None:
-        super().__init__()
-        if token_embeddings.shape != (config.vocab_size, config.hidden_size):
-            raise IncompatibleHeadError(
-                f"head for {config.objective!r} expects embeddings of shape "
-                f"({config.vocab_size}, {config.hidden_size}), got {tuple(token_embeddings.shape)}"
-            )
-        self.config = config
-        d = config.hidden_size
-        self.proj = nn.Linear(d, d)  # W, c
-        self.token_bias = nn.Parameter(torch.zeros(config.vocab_size))  # b_a
-        self.state_value = nn.Linear(d, 1)  # w_v, b_v
-        self.prompt_proj = nn.Linear(d, d, bias=False) if self.prompt_query else None  # U
-        for p in self.parameters():
-            nn.init.zeros_(p)
-        # The base's embeddings are borrowed, frozen, and never saved with the head.
-        self._embeddings = token_embeddings.detach()
-
-    @property
-    def prompt_query(self) -> bool:
-        """Whether Q reads the prompt-pooled query ``U p``."""
-        return bool(self.config.options.get("prompt_query", False))
-
-    def q_values(
-        self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        h = hidden.to(self.proj.weight.dtype)  # (B, d)
-        query = self.proj(h)  # (B, d)
-        if self.prompt_proj is not None:
-            if prompt_hidden is None:
-                raise IncompatibleHeadError(
-                    f"head for {self.objective!r} reads the prompt-pooled query: pass prompt_hidden (B, d)"
-                )
-            query = query + self.prompt_proj(prompt_hidden.to(h.dtype))  # (B, d)
-        cand_emb = self._embeddings[candidate_ids].to(h.dtype)  # (B, k, d)
-        q = torch.einsum("bd,bkd->bk", query, cand_emb)  # (B, k)
-        return q + self.token_bias[candidate_ids] + self.state_value(h)  # (B, k)
-
-
-def new_shared_head(base: BaseModel, objective: str, **config: Any) -> SharedBackboneQHead:
-    """A zero-initialised shared-backbone head for ``objective`` on ``base``."""
-    head = SharedBackboneQHead(ValueHeadConfig.for_base(base, objective, **config), base.token_embeddings)
-    return head.to(base.device)
 
 
 def prompt_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -254,31 +197,6 @@ def check_compatible(config: ValueHeadConfig, base: BaseModel, *, allow_other_ba
             f"value head for {config.objective!r} expects hidden size {config.hidden_size} and vocabulary "
             f"{config.vocab_size}; base {base.model_id!r} has {base.hidden_size} and {base.vocab_size}"
         )
-
-
-def load_value_model(source: str | Path | bytes, base: BaseModel, *, allow_other_base: bool = False) -> ValueModel:
-    """Load a value head artifact for use with ``base``.
-
-    Raises:
-        ModelLoadError: unreadable file, bad format, unknown architecture.
-        IncompatibleHeadError: the head was trained against another tokenizer, or other base
-            weights (unless ``allow_other_base``).
-    """
-    config, tensors = read_head_config(source)
-    check_compatible(config, base, allow_other_base=allow_other_base)
-    from mavis_lc.separate_backbone import SEPARATE_BACKBONE, load_separate_backbone  # imports this module
-    from mavis_lc.side_branch import SIDE_BRANCH, load_side_branch
-
-    if config.architecture == SEPARATE_BACKBONE:
-        return load_separate_backbone(config, tensors, base)
-    if config.architecture == SIDE_BRANCH:
-        return load_side_branch(config, tensors, base)
-    if config.architecture != SHARED_Q_HEAD:
-        raise ModelLoadError(
-            f"value head for {config.objective!r} has architecture {config.architecture!r}; "
-            f"allowed: {SHARED_Q_HEAD}, {SIDE_BRANCH}, {SEPARATE_BACKBONE}"
-        )
-    return frozen(SharedBackboneQHead(config, base.token_embeddings), tensors, base)
 
 
 def frozen(model: ValueModel, tensors: dict[str, torch.Tensor], base: BaseModel) -> ValueModel:
