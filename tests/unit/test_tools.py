@@ -17,7 +17,14 @@ from typing_extensions import TypedDict
 
 from mavis_lc import ChatMavis
 from mavis_lc.errors import ConfigurationError
-from mavis_lc.tools import CALL_CLOSE, CALL_OPEN, format_tools, parse_tool_calls, render_messages, tool_grammar
+from mavis_lc.langchain.tools import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    format_tools,
+    parse_tool_calls,
+    render_messages,
+    tool_grammar,
+)
 from tests.tiny import save_random_heads
 
 
