@@ -31,7 +31,7 @@ def test_bad_weights_exit_1_with_a_one_line_error(tiny_model_dir: Path) -> None:
 
 
 def test_rollout_pace_says_the_plan_the_rate_and_the_time_left() -> None:
-    from mavis_lc.cli_jobs import _rollout_pace
+    from mavis_lc.cli.train import _rollout_pace
 
     assert _rollout_pace({"planned_tokens": 44_000, "tokens": 0, "tokens_per_s": 0.0}) == "at most 44,000 tokens"
     pace = _rollout_pace({"planned_tokens": 44_000, "tokens": 8_000, "tokens_per_s": 200.0})

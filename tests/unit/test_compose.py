@@ -61,7 +61,7 @@ def test_worker_flags_and_shutdown(services: dict[str, Any]) -> None:
 
 
 def test_mavis_worker_runs_celery_with_the_production_flags() -> None:
-    from mavis_lc.cli_jobs import worker_command
+    from mavis_lc.cli.worker import worker_command
 
     command = worker_command(1, "info", None, "training")
     for flag, value in (

@@ -256,7 +256,7 @@ def test_ctrl_c_in_an_in_process_run_marks_the_job_cancelled(config: dict[str, A
 
 
 def test_cli_exit_codes_say_how_the_job_ended(config: dict[str, Any], tmp_path: Path) -> None:
-    from mavis_lc.cli_jobs import EXIT_FAILED
+    from mavis_lc.cli.common import EXIT_FAILED
 
     runner = CliRunner()
     failed = runner.invoke(app, ["train", "tests.rewards_for_tests:nan_score", *train_flags(config, tmp_path)])

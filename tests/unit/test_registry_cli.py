@@ -8,7 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mavis_lc.cli_registry import db_app, registry_app
+from mavis_lc.cli.db import db_app
+from mavis_lc.cli.registry import registry_app
 from mavis_lc.registry import Registry
 from tests.unit.test_registry_api import register
 

@@ -1,113 +1,23 @@
-"""The ``mavis`` command line: generate and evaluate with value heads, train, and the registry / db / jobs sub-commands.
-
-Typed errors (`MavisError`) are printed as one line on stderr with exit status 1.
-"""
+"""``mavis eval``: the Pareto front of a set of heads against best-of-N, with bootstrap CIs."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markdown import Markdown
 from rich.markup import escape
 
-from mavis_lc.cli_jobs import jobs_app, train, worker
-from mavis_lc.cli_registry import db_app, registry_app
-from mavis_lc.decoding import DecodeConfig
+from mavis_lc.cli.common import (
+    console,
+    error_console,
+    load_options,
+)
 from mavis_lc.engine import get_engine
 from mavis_lc.errors import ConfigurationError, MavisError
-from mavis_lc.weights import parse_weights
-
-app = typer.Typer(help="Steer a frozen language model toward several objectives at once.", no_args_is_help=True)
-app.add_typer(registry_app, name="registry")
-app.add_typer(db_app, name="db")
-app.add_typer(jobs_app, name="jobs")
-app.command()(train)
-app.command()(worker)
-
-console = Console()
-error_console = Console(stderr=True)
 
 
-def _version(value: bool) -> None:
-    if value:
-        from mavis_lc import __version__
-
-        typer.echo(f"mavis-lc {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    """Steer a frozen language model toward several objectives at once."""
-
-
-@app.command()
-def generate(
-    prompts: Annotated[list[str], typer.Argument(help="Prompts; each goes through the chat template.")],
-    head: Annotated[
-        list[str] | None, typer.Option("--head", help="Value head: registry spec or .safetensors path.")
-    ] = None,
-    weights: Annotated[str, typer.Option(help="Objective weights, e.g. positivity=0.7,conciseness=0.3.")] = "",
-    beta: Annotated[float, typer.Option(help="Guidance strength; 0 is plain top-k sampling.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Candidate next tokens scored per step.")] = 20,
-    temperature: Annotated[float, typer.Option(help="Base-model temperature.")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Most new tokens per response.")] = 128,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    base_model: Annotated[str | None, typer.Option(help="Base model; default MAVIS_BASE_MODEL.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Base model dtype (auto, float32, bfloat16).")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hub revision of a base model given as a hub id.")] = None,
-    attn_implementation: Annotated[str | None, typer.Option(help="Base model attention (eager, sdpa, ...).")] = None,
-    raw: Annotated[bool, typer.Option(help="Send prompts as they are, without the chat template.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per response.")] = False,
-) -> None:
-    """Generate responses to PROMPTS, steered by the given heads and weights, in one batch."""
-    try:
-        from mavis_lc.training import format_prompts
-
-        load = _load(dtype, revision, attn_implementation)
-        engine = get_engine(base_model, head or [], **load)
-        texts = format_prompts(engine.base.tokenizer, prompts, chat_template=not raw)
-        config = DecodeConfig(max_new_tokens=max_tokens, top_k=top_k, temperature=temperature, beta=beta, seed=seed)
-        results = engine.generate(texts, parse_weights(weights), config)
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from None
-    for prompt, result in zip(prompts, results, strict=True):
-        if as_json:
-            console.print_json(json.dumps({"prompt": prompt, "text": result.text, **result.info()}))
-        else:
-            console.rule(prompt[:80])
-            console.print(result.text, markup=False, highlight=False)
-            console.print(f"[dim]{result.completion_tokens} tokens, KL {result.kl:.2f}, {result.finish_reason}[/dim]")
-
-
-@app.command()
-def quickstart(
-    fast: Annotated[bool, typer.Option(help="A small run for a first look (a few minutes on 2 CPU cores).")] = False,
-    retrain: Annotated[bool, typer.Option(help="Train again even if matching heads are registered.")] = False,
-    output_dir: Annotated[str, typer.Option(help="Folder for the Pareto plot and the summary JSON.")] = (
-        "quickstart-output"
-    ),
-) -> None:
-    """Train two objectives, register them, and steer a LangChain chain between them."""
-    from mavis_lc.quickstart import run_quickstart
-
-    try:
-        run_quickstart(fast=fast, retrain=retrain, output_dir=output_dir, console=console)
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from None
-
-
-@app.command("eval")
 def eval_command(
     head: Annotated[list[str], typer.Option("--head", help="Value head per objective: registry spec or path.")],
     prompts: Annotated[
@@ -189,7 +99,7 @@ def eval_command(
             batch_size=batch_size, reward_guided=reward_guided, min_tokens=min_tokens,
             bootstrap_resamples=bootstrap_resamples,
         )  # fmt: skip
-        load = _load(dtype, revision, attn_implementation)
+        load = load_options(dtype, revision, attn_implementation)
         engine = get_engine(base_model, head, **load)
         variants = {}
         for entry in variant or []:
@@ -225,14 +135,3 @@ def eval_command(
     console.print(Markdown(summary) if console.is_terminal else summary, markup=False, highlight=False)
     for kind, path in paths.items():
         console.print(f"{kind}: {path.resolve()}")
-
-
-if __name__ == "__main__":
-    app()
-
-
-def _load(dtype: str | None, revision: str | None, attn_implementation: str | None) -> dict[str, Any]:
-    """`get_engine` keyword arguments for the base-model loading flags."""
-    from mavis_lc.base_model import LoadOptions
-
-    return {"dtype": dtype, "options": LoadOptions.of(revision=revision, attn_implementation=attn_implementation)}

@@ -1,41 +1,34 @@
-"""``mavis registry ...`` and ``mavis db ...``: the registry from the command line.
+"""``mavis registry ...``: value-head versions, aliases and presets from the command line.
 
-Both apps read ``MAVIS_DATABASE_URL`` and ``MAVIS_ARTIFACTS``. Typed errors are printed as
-one line on stderr with exit status 1; ``db check`` exits 1 when the schema has drifted.
-"""
+It reads ``MAVIS_DATABASE_URL`` and ``MAVIS_ARTIFACTS``. Typed errors are printed as
+one line on stderr with exit status 1."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mavis_lc.cli.common import (
+    console,
+    error_console,
+    plain,
+    print_json_lines,
+)
 from mavis_lc.errors import MavisError
 from mavis_lc.registry import Registry, VersionInfo
-from mavis_lc.registry import db as registry_db
 from mavis_lc.weights import parse_weights
 
 registry_app = typer.Typer(help="Value-head versions, aliases and presets.", no_args_is_help=True)
-db_app = typer.Typer(help="The registry database schema.", no_args_is_help=True)
 alias_app = typer.Typer(help="Point names such as 'production' at versions.", no_args_is_help=True)
 presets_app = typer.Typer(help="Named objective weights.", no_args_is_help=True)
 registry_app.add_typer(alias_app, name="alias")
 registry_app.add_typer(presets_app, name="presets")
-
-console = Console()
-error_console = Console(stderr=True)
-
-UrlOption = Annotated[
-    str | None,
-    typer.Option("--url", help="Database URL; default MAVIS_DATABASE_URL or the local SQLite file."),
-]
 
 
 @contextmanager
@@ -47,19 +40,6 @@ def _registry() -> Iterator[Registry]:
     except MavisError as exc:
         error_console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(1) from None
-
-
-def _plain(value: Any) -> Any:
-    """A registry dataclass as JSON-able plain values (datetimes as ISO text)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    return json.loads(json.dumps(value, default=str))
-
-
-def _print_json_lines(items: Any) -> None:
-    """One JSON object per line on stdout (data), never through rich."""
-    for item in items:
-        typer.echo(json.dumps(_plain(item), sort_keys=True))
 
 
 def _json(value: Any) -> str:
@@ -93,32 +73,6 @@ def _versions_table(title: str, versions: list[VersionInfo], aliases: dict[int, 
     return table
 
 
-@db_app.command("upgrade")
-def db_upgrade(url: UrlOption = None, revision: str = "head") -> None:
-    """Create or migrate the registry tables."""
-    try:
-        registry_db.upgrade(url, revision)
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    console.print(f"registry database at revision {registry_db.head_revision()}")
-
-
-@db_app.command("check")
-def db_check(url: UrlOption = None) -> None:
-    """Exit 1 if the database is behind the migrations or differs from the models."""
-    try:
-        differences = registry_db.check(url)
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    if differences:
-        for line in differences:
-            error_console.print(line, highlight=False, markup=False)
-        raise typer.Exit(1)
-    console.print("no differences between the database and the models")
-
-
 @registry_app.command("objectives")
 def objectives(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per objective.")] = False,
@@ -126,7 +80,7 @@ def objectives(
     """List objectives with their version counts and aliases."""
     with _registry() as registry:
         if as_json:
-            _print_json_lines(registry.list_objectives())
+            print_json_lines(registry.list_objectives())
             return
         table = Table(title="objectives")
         for column in ("objective", "versions", "latest ready", "aliases", "reward range", "description"):
@@ -158,7 +112,7 @@ def list_versions(
             for alias, version in registry.list_aliases(name).items():
                 aliases.setdefault(by_version.get(version, -1), []).append(alias)
         if as_json:
-            _print_json_lines([{**_plain(v), "aliases": sorted(aliases.get(v.id, []))} for v in versions])
+            print_json_lines([{**plain(v), "aliases": sorted(aliases.get(v.id, []))} for v in versions])
             return
         console.print(_versions_table("versions", versions, aliases))
 
@@ -173,7 +127,7 @@ def show(
         detail = registry.show(spec)
         info = detail.version
         if as_json:
-            _print_json_lines([_plain(detail)])
+            print_json_lines([plain(detail)])
             return
         table = Table(title=info.spec, show_header=False)
         table.add_column("field", style="bold")
@@ -267,7 +221,7 @@ def presets_list(
     """List presets."""
     with _registry() as registry:
         if as_json:
-            _print_json_lines(registry.list_presets())
+            print_json_lines(registry.list_presets())
             return
         table = Table(title="presets")
         for column in ("preset", "weights", "pinned"):
@@ -286,7 +240,7 @@ def presets_show(
     with _registry() as registry:
         preset = registry.get_preset(name)
         if as_json:
-            _print_json_lines([preset])
+            print_json_lines([preset])
             return
         table = Table(title=preset.name)
         for column in ("objective", "weight", "pinned"):

@@ -1,4 +1,4 @@
-"""``mavis train``, ``mavis jobs ...`` and ``mavis worker``: training jobs from the command line.
+"""``mavis train``: train an objective, queued or in this process.
 
 ``train`` has one flag per `TrainingConfig` field (its help text is the field's). With
 ``MAVIS_BROKER_URL`` set it queues the job (``--wait`` follows it with a progress bar);
@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import sys
 import time
 import typing
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import MISSING, fields, replace
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from mavis_lc.errors import ConfigurationError, MavisError
-from mavis_lc.jobs import cancel, submit_training, wait
+from mavis_lc.cli.common import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    console,
+    error_console,
+    errors,
+)
+from mavis_lc.errors import ConfigurationError
+from mavis_lc.jobs import submit_training, wait
 from mavis_lc.registry import JobInfo, Registry
 from mavis_lc.settings import get_settings
 from mavis_lc.training import TrainingConfig, load_prompts
@@ -34,26 +35,8 @@ from mavis_lc.training.estimate import estimate_rollouts
 from mavis_lc.training.prompts import format_prompts
 from mavis_lc.training.run import rollout_cache_path
 
-jobs_app = typer.Typer(help="Training jobs: list, show, watch, cancel.", no_args_is_help=True)
-
-console = Console()
-error_console = Console(stderr=True)
-
 # Fields typed as a dict or a list of prompts become one JSON / path option.
 _OPTION_TYPES: dict[str, Any] = {"objective_options": str | None, "prompts": str | None}
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Typed errors become a one-line message and exit status 1; giving up waiting, `EXIT_TIMEOUT`."""
-    try:
-        yield
-    except TimeoutError as exc:
-        error_console.print(f"[red]timed out:[/red] {escape(str(exc))}", markup=True, highlight=False)
-        raise typer.Exit(EXIT_TIMEOUT) from None
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
-        raise typer.Exit(1) from None
 
 
 class _ProgressBar:
@@ -140,17 +123,6 @@ def _print_estimate(config: TrainingConfig, budget_minutes: float | None) -> Non
             f"--budget-minutes {budget_minutes:g}: use fewer --max-prompts, a smaller --expand-top-m or --k-root, "
             f"or a shorter --leaf-completion-tokens"
         )
-
-
-EXIT_FAILED = 3
-"""Exit status of ``mavis train`` / ``mavis jobs watch`` when the job failed (1: a bad argument
-or another typed error, 2: a usage error)."""
-EXIT_CANCELLED = 4
-"""... when the job was cancelled."""
-EXIT_TIMEOUT = 5
-"""... when ``--timeout-s`` passed before the job ended (the job goes on)."""
-EXIT_INTERRUPTED = 130
-"""Ctrl-C during an in-process run: the job is marked cancelled first."""
 
 
 def _report(job: JobInfo) -> None:
@@ -289,150 +261,8 @@ def _train_signature() -> inspect.Signature:
 
 def train(objective: str, **options: Any) -> None:
     """Train OBJECTIVE's value model: queue a job for a worker, or run it here when no broker is set."""
-    with _errors():
+    with errors():
         _train(objective, **options)
 
 
 train.__signature__ = _train_signature()  # type: ignore[attr-defined]
-
-
-@jobs_app.command("list")
-def list_jobs(
-    objective: Annotated[str | None, typer.Option(help="Only this objective's jobs.")] = None,
-    status: Annotated[str | None, typer.Option(help="Only jobs in this status (queued, running, ...).")] = None,
-    limit: Annotated[int, typer.Option(help="Most jobs to list, newest first.")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per job.")] = False,
-) -> None:
-    """List training jobs, newest first."""
-    with _errors(), Registry() as registry:
-        jobs = registry.list_jobs(objective=objective, status=status, limit=limit)
-    if as_json:
-        for job in jobs:
-            print(_job_json(job))
-        return
-    table = Table(title="training jobs")
-    for column in ("id", "objective", "status", "progress", "attempt", "worker", "created", "error"):
-        table.add_column(column)
-    for job in jobs:
-        table.add_row(
-            job.id,
-            job.objective,
-            job.status,
-            _progress_text(job.progress),
-            str(job.attempt),
-            job.worker or "",
-            job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            (job.error or "")[:60],
-        )
-    console.print(table)
-
-
-def _progress_text(progress: dict[str, Any]) -> str:
-    if not progress.get("stage"):
-        return ""
-    return (
-        f"it {progress.get('iteration', 0)} {progress['stage']} {progress.get('step', 0)}/{progress.get('total', '?')}"
-    )
-
-
-@jobs_app.command("show")
-def show_job(job_id: Annotated[str, typer.Argument(help="The job id.")]) -> None:
-    """Print one job as JSON: status, config, progress, attempt, worker, error, result version."""
-    with _errors(), Registry() as registry:
-        job = registry.get_job(job_id)
-    console.print_json(_job_json(job))
-
-
-def _job_json(job: JobInfo) -> str:
-    return json.dumps({name: getattr(job, name) for name in job.__dataclass_fields__}, default=str)
-
-
-@jobs_app.command("watch")
-def watch_job(
-    job_id: Annotated[str, typer.Argument(help="The job id.")],
-    timeout_s: Annotated[float | None, typer.Option(help="Give up watching after this many seconds.")] = None,
-) -> None:
-    """Follow a job with a live progress bar until it ends; exit 1 unless it succeeded."""
-    with _errors():
-        with _progress_bar() as bar:
-            job = wait(job_id, timeout_s=timeout_s, on_progress=bar.show_job)
-        _report(job)
-
-
-@jobs_app.command("retry")
-def retry_job(
-    job_id: str,
-    worker_queue: Annotated[str | None, typer.Option(help="Queued: the Celery queue (default training).")] = None,
-) -> None:
-    """Submit a failed or cancelled job again as a new job (same objective and config); prints its id."""
-    from mavis_lc.jobs import retry
-
-    with _errors():
-        new_id = retry(job_id, queue=worker_queue)
-    typer.echo(new_id)
-
-
-@jobs_app.command("reap")
-def reap_jobs(
-    stale_after_s: Annotated[
-        float | None, typer.Option(help="Heartbeat age that counts as lost; default MAVIS_STALE_AFTER_S.")
-    ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the jobs that would be failed.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per job.")] = False,
-) -> None:
-    """Fail running jobs whose worker is gone (no heartbeat for MAVIS_STALE_AFTER_S seconds)."""
-    from mavis_lc.jobs import reap
-
-    with _errors():
-        jobs = reap(stale_after_s=stale_after_s, dry_run=dry_run)
-    if as_json:
-        for job in jobs:
-            print(_job_json(job))
-        return
-    verb = "would fail" if dry_run else "failed"
-    for job in jobs:
-        console.print(f"{verb} job {job.id} ({job.objective}, last heartbeat {job.heartbeat_at})")
-    if not jobs:
-        console.print("no stale running jobs")
-
-
-@jobs_app.command("cancel")
-def cancel_job(job_id: Annotated[str, typer.Argument(help="The job id.")]) -> None:
-    """Cancel a job: a queued one at once, a running one at its next progress report."""
-    with _errors():
-        job = cancel(job_id)
-    state = "cancel requested" if job.status == "running" else job.status
-    console.print(f"job {job.id}: {state}")
-
-
-def worker_command(concurrency: int, loglevel: str, hostname: str | None, queues: str) -> list[str]:
-    """The ``celery worker`` command line ``mavis worker`` runs."""
-    command = [
-        sys.executable, "-m", "celery", "-A", "mavis_lc.service.app", "worker",
-        "-Q", queues, "-c", str(concurrency), "--prefetch-multiplier", "1", "--max-tasks-per-child", "1",
-        "-O", "fair", "-E", "--loglevel", loglevel,
-    ]  # fmt: skip
-    if hostname:
-        command += ["--hostname", hostname]
-    return command
-
-
-def worker(
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Jobs at once (one per process).")] = 1,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
-    hostname: Annotated[str | None, typer.Option(help="Worker node name (default celery@<host>).")] = None,
-    queues: Annotated[str, typer.Option("--queues", "-Q", help="Queues to consume.")] = "training",
-) -> None:
-    """Start a Celery training worker on MAVIS_BROKER_URL (-Q training -c 1, prefetch 1, one job per process)."""
-    from mavis_lc.runner import WorkerSettings
-
-    with _errors():
-        if get_settings().resolved_broker_url() is None:
-            raise ConfigurationError("mavis worker needs MAVIS_BROKER_URL (e.g. redis://localhost:6379/0)")
-        from mavis_lc.extras import require
-
-        require("celery", "worker", "mavis worker")
-        require("redis", "worker", "mavis worker")
-        WorkerSettings().check()
-    command = worker_command(concurrency, loglevel, hostname, queues)
-    os.execv(command[0], command)

@@ -1,0 +1,5 @@
+"""``python -m mavis_lc.cli``."""
+
+from mavis_lc.cli import app
+
+app()
