@@ -21,7 +21,7 @@ import numpy as np
 
 from mavis_lc import ChatMavis
 from mavis_lc.bootstrap import interval, prompt_means, resample_prompts
-from mavis_lc.grammar import Grammar
+from mavis_lc.decoding.grammar import Grammar
 from mavis_lc.objectives import get_objective
 
 QUESTIONS = [

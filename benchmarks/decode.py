@@ -33,7 +33,7 @@ import torch
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
-from mavis_lc.grammar import Grammar, GrammarCompiler
+from mavis_lc.decoding.grammar import Grammar, GrammarCompiler
 from mavis_lc.quickstart import shipped_prompts
 from mavis_lc.training import format_prompts
 from mavis_lc.training import load_prompts as training_prompts

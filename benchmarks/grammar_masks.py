@@ -16,7 +16,7 @@ import statistics
 import time
 
 from mavis_lc.base_model import BaseModel, load_base_model
-from mavis_lc.grammar import Grammar, GrammarCompiler
+from mavis_lc.decoding.grammar import Grammar, GrammarCompiler
 
 SCHEMA = {
     "type": "object",

@@ -52,7 +52,7 @@ import torch
 from mavis_lc import bootstrap
 from mavis_lc.base_model import BaseModel
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder
-from mavis_lc.engine import MavisEngine
+from mavis_lc.decoding.engine import MavisEngine
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.extras import MissingExtraError
 from mavis_lc.objectives import Objective, get_objective

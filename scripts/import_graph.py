@@ -86,19 +86,10 @@ def build_graph(root: Path) -> dict[str, set[str]]:
     return {m: imports_of(p, m, modules, p.name == "__init__.py") for m, p in files.items()}
 
 
-def circles(graph: dict[str, set[str]], *, ignore_packages: bool = True) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan).
-
-    A package ``__init__`` that re-exports its own modules is left out when
-    ``ignore_packages`` is set: importing ``a.b`` runs ``a/__init__`` first anyway, so an
-    edge from a submodule to its own package's ``__init__`` is not a separate dependency.
-    """
-    packages = {m for m in graph if any(o.startswith(m + ".") for o in graph)}
-    edges: dict[str, set[str]] = {}
-    for m, targets in graph.items():
-        if ignore_packages and m in packages:
-            continue
-        edges[m] = {t for t in targets if not (ignore_packages and t in packages)}
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan). A package's
+    ``__init__`` counts as a module, so a circle through a re-export is found too."""
+    edges = graph
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []

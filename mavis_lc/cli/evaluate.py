@@ -14,7 +14,7 @@ from mavis_lc.cli.common import (
     error_console,
     load_options,
 )
-from mavis_lc.engine import get_engine
+from mavis_lc.decoding.engine import get_engine
 from mavis_lc.errors import ConfigurationError, MavisError
 
 

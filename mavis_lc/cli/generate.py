@@ -13,7 +13,7 @@ from mavis_lc.cli.common import (
     load_options,
 )
 from mavis_lc.decoding import DecodeConfig
-from mavis_lc.engine import get_engine
+from mavis_lc.decoding.engine import get_engine
 from mavis_lc.weights import parse_weights
 
 

@@ -1,7 +1,7 @@
 """LangChain models: `MavisLLM` (text completion) and `ChatMavis` (chat, via the chat template).
 
 Construction is cheap and loads nothing; the base model and value heads are loaded on first
-use into a process-level cache (`mavis_lc.engine`), so copies made by ``bind``,
+use into a process-level cache (`mavis_lc.decoding.engine`), so copies made by ``bind``,
 ``configurable_fields`` or ``with_config`` share them.
 
 Weights come, in order of precedence, from the call (``invoke(p, weights={...})``, or in

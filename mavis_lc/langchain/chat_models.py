@@ -40,9 +40,9 @@ from pydantic import BaseModel
 
 from mavis_lc import decoding
 from mavis_lc.base_model import PACKAGED_CONTEXT
-from mavis_lc.engine import MavisEngine
+from mavis_lc.decoding.engine import MavisEngine
+from mavis_lc.decoding.grammar import Grammar
 from mavis_lc.errors import ConfigurationError
-from mavis_lc.grammar import Grammar
 from mavis_lc.langchain.params import (
     _batch_kwargs,
     _check_rows,

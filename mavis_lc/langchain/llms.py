@@ -19,7 +19,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
 
 from mavis_lc import decoding
-from mavis_lc.engine import MavisEngine
+from mavis_lc.decoding.engine import MavisEngine
 from mavis_lc.langchain.params import (
     CALL_PARAMS,
     _batch_kwargs,

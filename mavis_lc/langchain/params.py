@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from mavis_lc import decoding
 from mavis_lc.base_model import LoadOptions, load_base_model
-from mavis_lc.engine import HeadSource, MavisEngine, engine_for, heads_info, is_head_file, resolve_heads
+from mavis_lc.decoding.engine import HeadSource, MavisEngine, engine_for, heads_info, is_head_file, resolve_heads
+from mavis_lc.decoding.grammar import Grammar
 from mavis_lc.errors import ConfigurationError, DecodingParameterError
-from mavis_lc.grammar import Grammar
 from mavis_lc.settings import get_settings
 
 CALL_PARAMS = (
@@ -103,7 +103,7 @@ class _MavisParams(BaseModel):
     stop: list[str] | None = None
     """Default stop strings; the output is cut just before the first one."""
     grammar: Grammar | dict[str, Any] | None = None
-    """A grammar every output must match (`mavis_lc.grammar.Grammar`, or ``{"type": "json_schema" |
+    """A grammar every output must match (`mavis_lc.decoding.grammar.Grammar`, or ``{"type": "json_schema" |
     "regex" | "lark", "value": ...}``), applied to the base logits before the top-k; None: free text."""
     device: str | None = None
     """``auto``, ``cpu``, ``cuda``...; default ``MAVIS_DEVICE``."""

@@ -31,8 +31,8 @@ from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, ToolMes
 from langchain_core.messages.tool import InvalidToolCall, ToolCall, invalid_tool_call, tool_call
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from mavis_lc.decoding.grammar import Grammar
 from mavis_lc.errors import ConfigurationError
-from mavis_lc.grammar import Grammar
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"

@@ -57,6 +57,10 @@ def test_the_wheel_carries_the_migrations_and_the_service_but_no_worker_folder(u
     ]
     assert (unpacked / "mavis_lc" / "service" / "app.py").is_file()
     assert not (unpacked / "worker").exists()
+    # every module of the checkout's package is in the wheel (the package list is explicit)
+    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "mavis_lc").rglob("*.py") if "migrations" not in p.parts)
+    assert len(modules) > 60
+    assert [m for m in modules if not (unpacked / m).is_file()] == []
 
 
 @pytest.mark.skipif(not SERVICES_REQUIRED and not services_available(), reason="needs Redis and PostgreSQL")

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mavis_lc.cli import app
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
-from mavis_lc.engine import get_engine
+from mavis_lc.decoding.engine import get_engine
 
 
 def test_generate_prints_the_decoder_output_as_json(tiny_model_dir: Path) -> None:

@@ -18,7 +18,7 @@ from mavis_lc import bootstrap
 from mavis_lc.base_model import load_base_model
 from mavis_lc.cli import app
 from mavis_lc.decoding import DecodeConfig
-from mavis_lc.engine import get_engine
+from mavis_lc.decoding.engine import get_engine
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.evaluation import (
     EvalSettings,

@@ -12,7 +12,7 @@ import torch
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
-from mavis_lc.grammar import Grammar, GrammarCompiler, GrammarError, unpack_bitmask
+from mavis_lc.decoding.grammar import Grammar, GrammarCompiler, GrammarError, unpack_bitmask
 from mavis_lc.value_models import new_shared_head
 
 SCHEMA = {

@@ -14,9 +14,9 @@ import pytest
 from mavis_lc import ChatMavis, EngineBusyError, MavisLLM
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder, RowOptions, StreamStep
+from mavis_lc.decoding.grammar import Grammar
+from mavis_lc.decoding.scheduler import BatchScheduler
 from mavis_lc.errors import DecodingParameterError, UnknownObjectiveError
-from mavis_lc.grammar import Grammar
-from mavis_lc.scheduler import BatchScheduler
 from mavis_lc.value_models import load_value_model
 from tests.tiny import save_random_heads
 

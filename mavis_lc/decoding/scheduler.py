@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder, RowOptions, StreamStep, _weight_rows
+from mavis_lc.decoding.decoder import DecodeConfig, Generation, MavisDecoder, RowOptions, StreamStep, _weight_rows
+from mavis_lc.decoding.grammar import Grammar, RowConstraint
 from mavis_lc.errors import EngineBusyError
-from mavis_lc.grammar import Grammar, RowConstraint
 from mavis_lc.weights import Weights, weight_matrix
 
 _END = object()

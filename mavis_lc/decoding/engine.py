@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from mavis_lc.base_model import BaseModel, LoadOptions, load_base_model
-from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder, StreamStep
+from mavis_lc.decoding.decoder import DecodeConfig, Generation, MavisDecoder, StreamStep
+from mavis_lc.decoding.grammar import Grammar
+from mavis_lc.decoding.scheduler import BatchScheduler
 from mavis_lc.errors import ModelLoadError
-from mavis_lc.grammar import Grammar
-from mavis_lc.scheduler import BatchScheduler
 from mavis_lc.settings import get_settings
 from mavis_lc.value_models import load_value_model
 from mavis_lc.weights import Weights

@@ -21,8 +21,8 @@ import torch
 from transformers import DynamicCache
 
 from mavis_lc.base_model import BaseModel, with_cache
+from mavis_lc.decoding.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
-from mavis_lc.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
 from mavis_lc.value_models import LayerTap, ValueModel, check_compatible, prompt_mean
 from mavis_lc.weights import Weights, weight_matrix
 
@@ -273,7 +273,7 @@ class MavisDecoder:
             config: decoding parameters (default `DecodeConfig()`).
             seeds: B per-row seeds; default: ``config.seed`` for every row, so a prompt gives
                 the same output alone or in any batch.
-            grammars: B per-row grammars (`mavis_lc.grammar.Grammar`) or None entries for
+            grammars: B per-row grammars (`mavis_lc.decoding.grammar.Grammar`) or None entries for
                 unconstrained rows. A row's allowed-token mask is applied to the base logits
                 before the top-k, so every candidate is legal; EOS only where the grammar
                 accepts. Where ``min_new_tokens`` still bans EOS but the grammar allows nothing

@@ -1,0 +1,22 @@
+"""Decoding: the MAVIS decoder, grammars, the engine that holds a base model and its heads,
+and the scheduler that merges concurrent calls into batches.
+
+- `decoder`: `MavisDecoder` and `mavis_step`, the tilted next-token distribution;
+- `grammar`: grammars (JSON schema, regex, Lark) compiled to per-row token masks;
+- `scheduler`: `BatchScheduler`, one decoding thread per engine;
+- `engine`: `MavisEngine`, heads resolved from files or the registry, cached per process.
+
+Each module imports only the ones above it in this list.
+"""
+
+from mavis_lc.decoding.decoder import (
+    DecodeConfig,
+    Generation,
+    MavisDecoder,
+    RowOptions,
+    StepOutput,
+    StreamStep,
+    mavis_step,
+)
+
+__all__ = ["DecodeConfig", "Generation", "MavisDecoder", "RowOptions", "StepOutput", "StreamStep", "mavis_step"]
