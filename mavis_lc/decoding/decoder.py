@@ -16,8 +16,10 @@ import random
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 
 from mavis_lc.base_model import BaseModel, with_cache
@@ -503,6 +505,12 @@ class _TextTracker:
 
     A delta never contains text that might still turn out to be the start of a stop string,
     nor a trailing partial UTF-8 character.
+
+    Text grows incrementally: with a fast tokenizer that does no clean-up of spaces, each
+    row has a `tokenizers.decoders.DecodeStream`, so a step decodes only the new token (not the
+    row's whole token list again); it holds back a trailing partial UTF-8 character itself. A
+    finished row's text is its whole token list decoded once, exactly as before. Other
+    tokenizers decode the whole list every step.
     """
 
     def __init__(self, tokenizer: object, stops: Sequence[Sequence[str]], eos_ids: set[int], batch: int) -> None:
@@ -519,6 +527,29 @@ class _TextTracker:
         self.final_text = [""] * batch
         self.finish_reason = [""] * batch
         self.stop_sequence: list[str | None] = [None] * batch
+        self.text = [""] * batch
+        """Each row's text so far (from its decode stream, or decoded whole)."""
+        backend = getattr(tokenizer, "_tokenizer", None)
+        incremental = (
+            bool(getattr(tokenizer, "is_fast", False))
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+            and hasattr(backend, "decode_batch")
+        )
+        self._backend: Any = backend if incremental else None
+        self._streams = [DecodeStream(skip_special_tokens=True) for _ in range(batch)] if incremental else None
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))  # type: ignore[attr-defined]
+
+    def _grow(self, b: int, token: int) -> str:
+        """Row ``b``'s text after ``token`` (its ids already include it)."""
+        if self._streams is None:
+            self.text[b] = self._decode(self.token_ids[b])
+        else:
+            piece = self._streams[b].step(self._backend, token)
+            if piece:
+                self.text[b] += piece
+        return self.text[b]
 
     def push(self, tokens: list[int], *, last_step: Sequence[bool]) -> list[str]:
         """Take one token per row (``last_step[b]``: row b's length limit is reached)."""
@@ -528,15 +559,16 @@ class _TextTracker:
             if self.done[b]:
                 continue
             self.token_ids[b].append(token)
-            text = self.tokenizer.decode(self.token_ids[b], skip_special_tokens=True)  # type: ignore[attr-defined]
-            cut, matched = self._find_stop(text, self.stops[b])
+            before = len(self.text[b].rstrip("\ufffd"))  # text up to here cannot change
+            text = self._grow(b, token)
+            cut, matched = self._find_stop(text, self.stops[b], before)
             if matched is not None:
                 self._finish(b, text[:cut], "stop", matched)
                 self.kept[b] = self._tokens_for(b, cut)
             elif token in self.eos_ids:
-                self._finish(b, text, "stop", None)
+                self._finish(b, self._decode(self.token_ids[b]), "stop", None)
             elif last_step[b]:
-                self._finish(b, text, "length", None)
+                self._finish(b, self._decode(self.token_ids[b]), "length", None)
             if self.done[b]:
                 final = self.final_text[b]
                 deltas[b] = final[self.emitted[b] :]
@@ -552,7 +584,7 @@ class _TextTracker:
         """The fewest leading tokens of row ``b`` whose text reaches ``cut`` characters."""
         ids = self.token_ids[b]
         n = len(ids)
-        while n > 0 and len(self.tokenizer.decode(ids[: n - 1], skip_special_tokens=True)) >= cut:  # type: ignore[attr-defined]
+        while n > 0 and len(self._decode(ids[: n - 1])) >= cut:
             n -= 1
         return n
 
@@ -565,10 +597,12 @@ class _TextTracker:
         self.stop_sequence[b] = matched
 
     @staticmethod
-    def _find_stop(text: str, stop: Sequence[str]) -> tuple[int, str | None]:
+    def _find_stop(text: str, stop: Sequence[str], grown_from: int = 0) -> tuple[int, str | None]:
+        """The earliest stop string in ``text`` and where it starts; only matches that end past
+        ``grown_from`` (the text's length before this step) are new, so the search starts there."""
         best: tuple[int, str | None] = (len(text), None)
         for s in stop:
-            i = text.find(s)
+            i = text.find(s, max(0, grown_from - len(s) + 1))
             if i != -1 and i < best[0]:
                 best = (i, s)
         return best

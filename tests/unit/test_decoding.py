@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder, mavis_step
+from mavis_lc.decoding.decoder import _TextTracker
 from mavis_lc.errors import DecodingParameterError, InvalidWeightError, UnknownObjectiveError
 from mavis_lc.value_models import SharedBackboneQHead, new_shared_head
 
@@ -337,3 +339,61 @@ def test_bad_weights_are_typed_errors(base: BaseModel, weights: dict, error: typ
 def test_weight_rows_must_match_prompts(base: BaseModel) -> None:
     with pytest.raises(DecodingParameterError, match="2 weight rows for 1 prompts"):
         MavisDecoder(base).generate(["hi"], [{}, {}], DecodeConfig(max_new_tokens=2))
+
+
+def _track(tracker: _TextTracker, rows: list[list[int]], limit: int) -> list[list[str]]:
+    deltas = []
+    for step in range(limit):
+        tokens = [row[step] for row in rows]
+        deltas.append(tracker.push(tokens, last_step=[step == limit - 1] * len(rows)))
+    return deltas
+
+
+def test_incremental_text_equals_decoding_the_whole_row_every_step(base: BaseModel) -> None:
+    """The decode stream gives the same deltas, cuts, finish reasons and texts as decoding each
+    row's whole token list every step, on text with multi-byte characters split across tokens
+    and stop strings, while decoding a row whole only once (at its end)."""
+    tok = base.tokenizer
+    eos = set(base.eos_token_ids)
+    phrases = ["héllo wörld 😀 ünï — end. STOP here", "naïve 中文 café", "abc### tail"]
+    rng = random.Random(0)
+    rows = []
+    for i in range(6):
+        ids = tok(phrases[i % 3], add_special_tokens=False)["input_ids"]
+        ids = ids + [rng.randrange(len(tok)) for _ in range(12)] + ids
+        rows.append(ids)
+    n = min(len(r) for r in rows)
+    rows = [r[:n] for r in rows]
+    rows[5][n // 2] = next(iter(eos))  # one row ends at EOS
+    stops = [["STOP"], ["中文"], ["###"], [], ["wör", "é"], []]
+    whole = _TextTracker(tok, stops, eos, len(rows))
+    whole._streams = None  # the previous path: decode the whole row every step
+    calls = []
+    decode = tok.decode
+
+    class Counting:
+        def __getattr__(self, name: str) -> object:
+            return getattr(tok, name)
+
+        def decode(self, ids: list[int], **kw: object) -> str:
+            calls.append(len(ids))
+            return decode(ids, **kw)
+
+    incremental = _TextTracker(Counting(), stops, eos, len(rows))
+    incremental.tokenizer = Counting()
+    assert incremental._streams is not None
+    expected = _track(whole, rows, n)
+    got, decoding_steps = [], []
+    for step in range(n):
+        before = len(calls)
+        got.append(incremental.push([row[step] for row in rows], last_step=[step == n - 1] * len(rows)))
+        if len(calls) > before:
+            decoding_steps.append(bool(incremental.newly_done))
+    assert got == expected
+    assert incremental.final_text == whole.final_text and incremental.kept == whole.kept
+    assert incremental.finish_reason == whole.finish_reason and incremental.stop_sequence == whole.stop_sequence
+    assert ["".join(step[b] for step in got) for b in range(len(rows))] == incremental.final_text
+    assert any("\ufffd" not in t and any(ord(c) > 0x7FF for c in t) for t in incremental.final_text)
+    assert whole.finish_reason.count("stop") >= 3 and "length" in whole.finish_reason
+    # a row is decoded whole only at the step it ends (its text, or where a stop string cuts it)
+    assert decoding_steps and all(decoding_steps)
