@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
 from mavis_lc.cli.common import (
     UrlOption,
     console,
     error_console,
+    errors,
 )
-from mavis_lc.errors import MavisError
 from mavis_lc.registry import db as registry_db
 
 db_app = typer.Typer(help="The registry database schema.", no_args_is_help=True)
@@ -19,22 +18,16 @@ db_app = typer.Typer(help="The registry database schema.", no_args_is_help=True)
 @db_app.command("upgrade")
 def db_upgrade(url: UrlOption = None, revision: str = "head") -> None:
     """Create or migrate the registry tables."""
-    try:
+    with errors():
         registry_db.upgrade(url, revision)
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
     console.print(f"registry database at revision {registry_db.head_revision()}")
 
 
 @db_app.command("check")
 def db_check(url: UrlOption = None) -> None:
     """Exit 1 if the database is behind the migrations or differs from the models."""
-    try:
+    with errors():
         differences = registry_db.check(url)
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
     if differences:
         for line in differences:
             error_console.print(line, highlight=False, markup=False)

@@ -7,15 +7,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.markdown import Markdown
-from rich.markup import escape
 
 from mavis_lc.cli.common import (
     console,
-    error_console,
+    errors,
     load_options,
 )
 from mavis_lc.decoding.engine import get_engine
-from mavis_lc.errors import ConfigurationError, MavisError
+from mavis_lc.errors import ConfigurationError
 
 
 def eval_command(
@@ -69,7 +68,7 @@ def eval_command(
     from mavis_lc.quickstart import shipped_prompts
     from mavis_lc.training import load_prompts
 
-    try:
+    with errors():
         try:
             ns = tuple(int(n) for n in best_of.split(",") if n.strip())
         except ValueError:
@@ -128,9 +127,6 @@ def eval_command(
         report.calibration = calibration
         report.excluded_prompts = excluded
         paths = write_report(report, output_dir)
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from None
     summary = paths["markdown"].read_text()
     console.print(Markdown(summary) if console.is_terminal else summary, markup=False, highlight=False)
     for kind, path in paths.items():

@@ -11,16 +11,14 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from mavis_lc.cli.common import (
     console,
-    error_console,
+    errors,
     plain,
     print_json_lines,
 )
-from mavis_lc.errors import MavisError
 from mavis_lc.registry import Registry, VersionInfo
 from mavis_lc.weights import parse_weights
 
@@ -34,12 +32,8 @@ registry_app.add_typer(presets_app, name="presets")
 @contextmanager
 def _registry() -> Iterator[Registry]:
     """A registry from settings; typed errors become a one-line message and exit status 1."""
-    try:
-        with Registry() as registry:
-            yield registry
-    except MavisError as exc:
-        error_console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
-        raise typer.Exit(1) from None
+    with errors(), Registry() as registry:
+        yield registry
 
 
 def _json(value: Any) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 
@@ -530,11 +531,7 @@ class _TextTracker:
         self.text = [""] * batch
         """Each row's text so far (from its decode stream, or decoded whole)."""
         backend = getattr(tokenizer, "_tokenizer", None)
-        incremental = (
-            bool(getattr(tokenizer, "is_fast", False))
-            and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
-            and hasattr(backend, "decode_batch")
-        )
+        incremental = isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._backend: Any = backend if incremental else None
         self._streams = [DecodeStream(skip_special_tokens=True) for _ in range(batch)] if incremental else None
 
