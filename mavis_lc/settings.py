@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     starts at once; requests that arrive while a batch decodes join the next one, without
     waiting). Concurrent callers' requests arrive spread over a few milliseconds."""
 
+    compile: bool = False
+    """Decode through a static KV cache and a `torch.compile`d step (`mavis_lc.decoding.static_step`):
+    each (batch size, cache length bucket) shape compiles once per process, tens of seconds on CPU,
+    before it runs faster; where compilation is unavailable the step runs eagerly, with a logged reason."""
+
     def resolved_database_url(self) -> str:
         if self.database_url is not None:
             return self.database_url.get_secret_value()

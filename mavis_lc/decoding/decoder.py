@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from mavis_lc.base_model import BaseModel, with_cache
 from mavis_lc.decoding.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
+from mavis_lc.decoding.static_step import DEFAULT_BUCKET, StaticDecodeStep
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
 from mavis_lc.value_models import LayerTap, ValueModel, check_compatible, prompt_mean
 from mavis_lc.weights import Weights, weight_matrix
@@ -202,7 +203,19 @@ def mavis_step(
 class MavisDecoder:
     """Batched MAVIS decoding over one base model and a set of value heads (one per objective)."""
 
-    def __init__(self, base: BaseModel, heads: Sequence[ValueModel] = (), *, allow_other_base: bool = False) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        heads: Sequence[ValueModel] = (),
+        *,
+        allow_other_base: bool = False,
+        compile: bool = False,
+        compile_bucket: int = DEFAULT_BUCKET,
+    ) -> None:
+        """``compile``: decode through a static KV cache and a `torch.compile`d step
+        (`mavis_lc.decoding.static_step`); falls back to eager, with a logged reason, where
+        compilation is unavailable. ``compile_bucket``: cache lengths are rounded up to a
+        multiple of it, so calls of nearby lengths share one compiled step."""
         names = [h.objective for h in heads]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -216,6 +229,18 @@ class MavisDecoder:
         self._tap_layers = sorted({h.tap_layer for h in self.heads if h.tap_layer is not None})
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
+        self.static_step: StaticDecodeStep | None = None
+        """The compiled static-cache step (``compile=True``); one decode uses it at a time, and a
+        decode that starts while it is busy runs on the eager path."""
+        if compile:
+            self.static_step = StaticDecodeStep(
+                self._backbone,
+                base.model.config,
+                self._tap_layers,
+                bucket=compile_bucket,
+                max_length=base.max_context,
+            )
+        self._static_lock = threading.Lock()
 
     def check(self, config: DecodeConfig, prompt_tokens: int = 0) -> None:
         """Raise `DecodingParameterError` naming the first parameter out of range."""
@@ -305,6 +330,34 @@ class MavisDecoder:
         prompt_lengths = attention_mask.sum(-1).tolist()
         for b, row_cfg in enumerate(row_cfgs):
             self.check(row_cfg, int(prompt_lengths[b]))
+        static = self.static_step
+        if static is not None and not self._static_lock.acquire(blocking=False):
+            static = None  # another decode holds the compiled step: this one runs eagerly
+        try:
+            yield from self._decode(
+                static, prompts, rows, row_seeds, row_cfgs, constraints, cfg, input_ids, attention_mask, prompt_lengths
+            )
+        finally:
+            if static is not None:
+                self._static_lock.release()
+
+    def _decode(
+        self,
+        static: StaticDecodeStep | None,
+        prompts: Sequence[str],
+        rows: list[dict[str, float]],
+        row_seeds: list[int],
+        row_cfgs: list[DecodeConfig],
+        constraints: list[RowConstraint | None],
+        cfg: DecodeConfig,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_lengths: list[int],
+    ) -> Iterator[StreamStep]:
+        """The decode loop of `stream`, after validation; ``static``: the compiled step, or None (eager)."""
+        batch = len(prompts)
+        device = self.base.device
+        tok = self.base.tokenizer
         max_new = [c.max_new_tokens for c in row_cfgs]
         min_new = [c.min_new_tokens for c in row_cfgs]
         weight_rows = weight_matrix(rows, self.objectives, device=device)  # (B, M)
@@ -322,15 +375,19 @@ class MavisDecoder:
         # Grad mode is per thread and a stream may be resumed on another thread (async
         # callers), so inference mode is entered around each stretch of work, never across a yield.
         with torch.inference_mode():
-            cache = DynamicCache(config=self.base.model.config)
-            with LayerTap(self._backbone, self._tap_layers) as tap:
-                prompt_states = self._backbone(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    **with_cache(self._backbone, cache),
-                    use_cache=True,
-                ).last_hidden_state  # (B, P, d)
+            cache = DynamicCache(config=self.base.model.config) if static is None else None
+            tap = LayerTap(self._backbone, self._tap_layers)
+            if static is not None:
+                prompt_states = static.start(input_ids, attention_mask, position_ids, max(max_new), tap)  # (B, P, d)
+            else:
+                with tap:
+                    prompt_states = self._backbone(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        position_ids=position_ids,
+                        **with_cache(self._backbone, cache),
+                        use_cache=True,
+                    ).last_hidden_state  # (B, P, d)
             for head in self.heads:  # after the prefill: side branches read its layer inputs
                 head.begin(input_ids, attention_mask, _tap_of(head, tap))
             hidden = prompt_states[:, -1]  # (B, d)
@@ -395,18 +452,22 @@ class MavisDecoder:
             if bool(tracker.done.all()):
                 break
             with torch.inference_mode():
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
                 next_position = next_position + 1
-                with LayerTap(self._backbone, self._tap_layers) as tap:
-                    hidden = self._backbone(
-                        input_ids=out.tokens[:, None],
-                        attention_mask=attention_mask,
-                        position_ids=next_position[:, None],
-                        **with_cache(self._backbone, cache),
-                        use_cache=True,
-                    ).last_hidden_state[:, -1]  # (B, d)
+                if static is not None:
+                    hidden, states = static.step(out.tokens, next_position)  # (B, d), {layer: (B, 1, d)}
+                else:
+                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+                    with LayerTap(self._backbone, self._tap_layers) as tap:
+                        hidden = self._backbone(
+                            input_ids=out.tokens[:, None],
+                            attention_mask=attention_mask,
+                            position_ids=next_position[:, None],
+                            **with_cache(self._backbone, cache),
+                            use_cache=True,
+                        ).last_hidden_state[:, -1]  # (B, d)
+                    states = tap.states
                 for head in self.heads:
-                    taps = _tap_of(head, tap)
+                    taps = None if head.tap_layer is None else states[head.tap_layer]
                     head.advance(out.tokens, taps=None if taps is None else taps[:, -1])
 
     def constraints(

@@ -110,9 +110,9 @@ class MavisEngine:
 
     def __init__(self, base: BaseModel, sources: Sequence[HeadSource], *, allow_other_base: bool = False) -> None:
         heads = [load_value_model(s.path, base, allow_other_base=allow_other_base) for s in sources]
-        self.decoder = MavisDecoder(base, heads, allow_other_base=allow_other_base)
-        self.sources = list(sources)
         settings = get_settings()
+        self.decoder = MavisDecoder(base, heads, allow_other_base=allow_other_base, compile=settings.compile)
+        self.sources = list(sources)
         self.scheduler = BatchScheduler(
             self.decoder,
             max_batch_size=settings.max_batch_size,

@@ -59,3 +59,15 @@ def test_a_side_branch_fits_on_the_gpu_under_autocast_with_float32_weights(tiny_
     config = TrainingConfig(**{**TREES.to_dict(), "epochs": 2, "val_fraction": 0.25})
     result = fit_side_branch(side, rollouts, target, config)
     assert result.history and {p.dtype for p in side.parameters()} == {torch.float32}
+
+
+def test_the_compiled_step_decodes_as_the_eager_one_on_cuda(tiny_model_dir: Path) -> None:
+    # float32: in bfloat16 a reordered sum can flip the near-ties of a random model's argmax
+    base = load_base_model(str(tiny_model_dir), device="cuda", dtype="float32")
+    head = new_shared_head(base, "obj")
+    cfg = DecodeConfig(max_new_tokens=16, do_sample=False, seed=0, beta=0.0)
+    eager = MavisDecoder(base, [head]).generate(PROMPTS[:3], {"obj": 0.0}, cfg)
+    compiled_decoder = MavisDecoder(base, [head], compile=True, compile_bucket=64)
+    compiled = compiled_decoder.generate(PROMPTS[:3], {"obj": 0.0}, cfg)
+    assert compiled_decoder.static_step is not None and compiled_decoder.static_step.compiled
+    assert [g.token_ids for g in compiled] == [g.token_ids for g in eager]
