@@ -264,16 +264,15 @@ def test_failed_and_cancelled_jobs_end_as_failure_and_revoked_in_celery_and_flow
 
     app = create_app()
     seen = State()  # what Flower builds from the workers' events
-    stop = threading.Event()
+    receivers: list[Any] = []
 
     def listen() -> None:
+        # One capture for the whole test: its event queue is deleted when a capture ends, so
+        # restarting it on a timeout would drop the events sent in between (task-failed is sent once).
         with app.connection() as connection:
             receiver = app.events.Receiver(connection, handlers={"*": seen.event})
-            while not stop.is_set():
-                try:
-                    receiver.capture(limit=None, timeout=1, wakeup=False)
-                except Exception:  # the capture's timeout: look at stop again
-                    continue
+            receivers.append(receiver)
+            receiver.capture(limit=None, timeout=None, wakeup=False)
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
@@ -300,6 +299,7 @@ def test_failed_and_cancelled_jobs_end_as_failure_and_revoked_in_celery_and_flow
         # The job rows stay the source of truth.
         assert (job_status(failed).status, job_status(doomed).status) == ("failed", "cancelled")
     finally:
-        stop.set()
+        for receiver in receivers:
+            receiver.should_stop = True  # the capture looks at it at least once a second
         listener.join(timeout=5)
         app.close()

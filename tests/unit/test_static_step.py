@@ -14,8 +14,8 @@ import torch
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
 from mavis_lc.decoding.static_step import StaticDecodeStep, compile_unavailable_reason
-from mavis_lc.value_models import SharedBackboneQHead, new_shared_head, new_side_branch
-from tests.unit.test_decoding import PROMPTS, plain_topk_sample
+from mavis_lc.value_models import new_side_branch
+from tests.unit.test_decoding import PROMPTS, plain_topk_sample, random_head
 
 pytestmark = pytest.mark.skipif(compile_unavailable_reason() is not None, reason="torch.compile unavailable")
 
@@ -25,19 +25,10 @@ def base(tiny_model_dir: Path) -> BaseModel:
     return load_base_model(str(tiny_model_dir))
 
 
-def random_head(base: BaseModel, objective: str, seed: int, scale: float = 0.3) -> SharedBackboneQHead:
-    head = new_shared_head(base, objective)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return head
-
-
 @pytest.fixture(scope="module")
 def decoders(base: BaseModel) -> tuple[MavisDecoder, MavisDecoder]:
     """The same heads, eager and compiled (one compiled decoder for the module: compiling is the slow part)."""
-    heads = [random_head(base, "positivity", 4), random_head(base, "conciseness", 5)]
+    heads = [random_head(base, "positivity", 4, 0.3), random_head(base, "conciseness", 5, 0.3)]
     return MavisDecoder(base, heads), MavisDecoder(base, heads, compile=True, compile_bucket=64)
 
 
@@ -71,7 +62,7 @@ def test_compiled_batch_matches_eager_and_each_row_alone(decoders: tuple[MavisDe
 
 
 def test_side_branch_on_the_compiled_path_reads_the_same_layer_inputs(base: BaseModel) -> None:
-    head = random_head(base, "positivity", 7)
+    head = random_head(base, "positivity", 7, 0.3)
     branch = new_side_branch(base, "positivity", n_layers=1, head=head).requires_grad_(False)
     with torch.no_grad():
         for p in branch.branch.parameters():
@@ -89,7 +80,7 @@ def test_side_branch_on_the_compiled_path_reads_the_same_layer_inputs(base: Base
 def test_a_failing_compile_falls_back_to_eager_with_a_logged_reason(
     base: BaseModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    decoder = MavisDecoder(base, [random_head(base, "positivity", 4)], compile=True)
+    decoder = MavisDecoder(base, [random_head(base, "positivity", 4, 0.3)], compile=True)
     step = decoder.static_step
     assert isinstance(step, StaticDecodeStep)
 
