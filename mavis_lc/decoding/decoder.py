@@ -15,6 +15,7 @@ import math
 import random
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,9 +26,9 @@ from transformers import DynamicCache
 
 from mavis_lc.base_model import BaseModel, with_cache
 from mavis_lc.decoding.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
-from mavis_lc.decoding.static_step import DEFAULT_BUCKET, StaticDecodeStep
+from mavis_lc.decoding.static_step import DEFAULT_BUCKET, StaticBranchState, StaticDecodeStep
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
-from mavis_lc.value_models import LayerTap, ValueModel, check_compatible, prompt_mean
+from mavis_lc.value_models import LayerTap, SideBranchValueModel, ValueModel, check_compatible, prompt_mean
 from mavis_lc.weights import Weights, weight_matrix
 
 
@@ -140,6 +141,48 @@ class StepOutput:
     tilt: torch.Tensor  # (B, M) Q_m(chosen) - E_{pi_ref top-k}[Q_m]
 
 
+_noise_pool: ThreadPoolExecutor | None = None
+_noise_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _noise_pool
+    with _noise_pool_lock:
+        if _noise_pool is None:
+            workers = max(1, torch.get_num_threads())
+            _noise_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mavis-noise")
+        return _noise_pool
+
+
+def row_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Exp(1) noise (B, V), row b drawn from ``generators[b]`` over the whole vocabulary, as
+    `torch.multinomial` draws it for one sample.
+
+    Drawing is most of a CPU step's sampling cost (a batch of 8 over SmolLM2's 49152 tokens: about
+    6 ms) and each row's draws depend only on its own generator, so on CPU the rows are split
+    among the intra-op thread count's worth of threads (the draw releases the GIL); every row
+    still gets exactly the numbers its generator gives alone."""
+    noise = torch.empty_like(like)  # (B, V)
+    rows = len(generators)
+    workers = min(rows, max(1, torch.get_num_threads()))
+    if like.device.type != "cpu" or workers < 2:
+        for b, g in enumerate(generators):
+            noise[b].exponential_(generator=g)
+        return noise
+
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers enter it too
+
+    def fill(part: range) -> None:
+        with torch.inference_mode(inference):
+            for b in part:
+                noise[b].exponential_(generator=generators[b])
+
+    # Contiguous chunks, one per worker; list() re-raises a worker's exception here.
+    bounds = [rows * w // workers for w in range(workers + 1)]
+    list(_pool().map(fill, [range(bounds[w], bounds[w + 1]) for w in range(workers)]))
+    return noise
+
+
 @torch.no_grad()
 def mavis_step(
     logits: torch.Tensor,
@@ -183,7 +226,7 @@ def mavis_step(
         # torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) drawn over the whole vocabulary.
         # Drawing the same q from each row's generator samples exactly what plain top-k
         # sampling with that seed samples, an order of magnitude faster than multinomial on CPU.
-        noise = torch.stack([torch.empty_like(ref_logits[0]).exponential_(generator=g) for g in generators])  # (B, V)
+        noise = row_noise(ref_logits, generators)  # (B, V)
         scores = log_probs.exp() / noise.gather(1, candidates)  # (B, k)
     choice = scores.argmax(dim=-1, keepdim=True)  # (B, 1)
     tokens = candidates.gather(1, choice).squeeze(1)  # (B,)
@@ -230,6 +273,7 @@ class MavisDecoder:
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self.static_step: StaticDecodeStep | None = None
+        self._branch_steps: dict[int, StaticDecodeStep] = {}
         """The compiled static-cache step (``compile=True``); one decode uses it at a time, and a
         decode that starts while it is busy runs on the eager path."""
         if compile:
@@ -239,8 +283,28 @@ class MavisDecoder:
                 self._tap_layers,
                 bucket=compile_bucket,
                 max_length=base.max_context,
+                output_head=base.model.get_output_embeddings(),
+                logit_transform=base.logit_transform,
             )
+            # Each side branch's own layers get a compiled static-cache step too, fed the tap states.
+            self._branch_steps = {
+                i: StaticDecodeStep(
+                    head.branch,
+                    head.branch.config,
+                    bucket=compile_bucket,
+                    max_length=base.max_context,
+                    compile=self.static_step.compiled,
+                    embeds=True,
+                )
+                for i, head in enumerate(self.heads)
+                if isinstance(head, SideBranchValueModel)
+            }
         self._static_lock = threading.Lock()
+
+    @property
+    def static_steps(self) -> list[StaticDecodeStep]:
+        """Every compiled static-cache step of this decoder: the base's, then each side branch's."""
+        return [] if self.static_step is None else [self.static_step, *self._branch_steps.values()]
 
     def check(self, config: DecodeConfig, prompt_tokens: int = 0) -> None:
         """Raise `DecodingParameterError` naming the first parameter out of range."""
@@ -388,8 +452,13 @@ class MavisDecoder:
                         **with_cache(self._backbone, cache),
                         use_cache=True,
                     ).last_hidden_state  # (B, P, d)
-            for head in self.heads:  # after the prefill: side branches read its layer inputs
-                head.begin(input_ids, attention_mask, _tap_of(head, tap))
+            for i, head in enumerate(self.heads):  # after the prefill: side branches read its layer inputs
+                if static is not None and i in self._branch_steps:
+                    assert isinstance(head, SideBranchValueModel)
+                    state = StaticBranchState(self._branch_steps[i], max(max_new), head.q_head.proj.weight.dtype)
+                    head.begin(input_ids, attention_mask, _tap_of(head, tap), state=state)
+                else:
+                    head.begin(input_ids, attention_mask, _tap_of(head, tap))
             hidden = prompt_states[:, -1]  # (B, d)
             prompt_hidden = prompt_mean(prompt_states, attention_mask)  # (B, d) the prompt-pooled query
             next_position = position_ids[:, -1]  # (B,)
@@ -401,7 +470,8 @@ class MavisDecoder:
                         no_eos[b, ban] = False
         for step in range(max(max_new)):
             with torch.inference_mode():
-                logits = self.base.logits(hidden)  # (B, V) the model's own head and post-processing
+                # (B, V) the model's own head and post-processing (packed on the compiled path)
+                logits = self.base.logits(hidden) if static is None else static.logits(hidden)
                 if no_eos is not None:
                     for b, m in enumerate(min_new):
                         if m and step == m:  # row b may end from now on

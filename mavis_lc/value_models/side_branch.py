@@ -23,7 +23,7 @@ mask, so the base model is never run again. Trainable parameters are float32 on 
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -36,6 +36,19 @@ from mavis_lc.value_models.shared_head import SharedBackboneQHead
 from mavis_lc.value_models.stacks import KVBatch, config_from_dict, layer_stack_config
 
 SIDE_BRANCH = "side_branch"
+
+
+class BranchState(Protocol):
+    """A side branch's decode state: its KV cache over B rows and its final state at each row's
+    last token (`KVBatch`, or the compiled decode's static-cache state)."""
+
+    hidden: torch.Tensor  # (B, d)
+
+    def prefill(self, taps: torch.Tensor, attention_mask: torch.Tensor, /) -> None: ...
+
+    def feed(self, taps: torch.Tensor, active: torch.Tensor | None = None, /) -> None: ...
+
+    def select(self, indices: torch.Tensor, /) -> None: ...
 
 
 class SideBranchValueModel(ValueModel):
@@ -52,7 +65,7 @@ class SideBranchValueModel(ValueModel):
         self.branch = AutoModel.from_config(config_from_dict(config.options["model_config"]))
         self.branch.embed_tokens = nn.Identity()  # its inputs are the base's layer-(N-L) states
         self.q_head = SharedBackboneQHead(config, token_embeddings)
-        self._state: KVBatch | None = None
+        self._state: BranchState | None = None
 
     @property
     def tap_layer(self) -> int:  # type: ignore[override]
@@ -70,8 +83,18 @@ class SideBranchValueModel(ValueModel):
             inputs_embeds=taps.to(dtype), attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, taps: torch.Tensor | None = None) -> None:
-        self._state = KVBatch(self.branch, lambda states: states.to(self.q_head.proj.weight.dtype))
+    def begin(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        taps: torch.Tensor | None = None,
+        state: BranchState | None = None,
+    ) -> None:
+        """Prefill the branch from the base's layer-(N-L) states over the prompts, ``taps`` (B, P, d).
+
+        ``state``: where the branch's KV cache lives (default: a `KVBatch` on a dynamic cache; a
+        compiled decode passes a static-cache one)."""
+        self._state = state or KVBatch(self.branch, lambda states: states.to(self.q_head.proj.weight.dtype))
         self._state.prefill(self._need(taps), attention_mask)
 
     def advance(
@@ -96,7 +119,7 @@ class SideBranchValueModel(ValueModel):
             )
         return taps
 
-    def _require_state(self) -> KVBatch:
+    def _require_state(self) -> BranchState:
         if self._state is None:
             raise RuntimeError("begin() must be called before decoding with a side-branch value model")
         return self._state

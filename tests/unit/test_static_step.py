@@ -69,10 +69,12 @@ def test_side_branch_on_the_compiled_path_reads_the_same_layer_inputs(base: Base
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(8)) * 0.05)
     cfg = DecodeConfig(max_new_tokens=12, top_k=20, seed=2, beta=3.0)
     eager = MavisDecoder(base, [branch]).generate(PROMPTS[:2], {"positivity": 1.0}, cfg)
-    compiled = MavisDecoder(base, [branch], compile=True, compile_bucket=64).generate(
-        PROMPTS[:2], {"positivity": 1.0}, cfg
-    )
+    decoder = MavisDecoder(base, [branch], compile=True, compile_bucket=64)
+    compiled = decoder.generate(PROMPTS[:2], {"positivity": 1.0}, cfg)
     assert [g.token_ids for g in compiled] == [g.token_ids for g in eager]
+    # The branch's own layers ran on their own compiled static-cache step, fed the tap states.
+    _, branch_step = decoder.static_steps
+    assert branch_step.compiled and list(branch_step.compile_seconds) == [(2, 64)]
     for c, e in zip(compiled, eager, strict=True):
         assert c.mean_tilt["positivity"] == pytest.approx(e.mean_tilt["positivity"], abs=1e-4)
 
@@ -116,3 +118,90 @@ def test_cache_lengths_round_up_to_the_bucket_within_the_context() -> None:
     assert step.cache_length(10, 20) == 128
     assert step.cache_length(100, 100) == 256
     assert step.cache_length(200, 90) == 300  # capped at the context
+
+
+def test_decode_attention_is_sdpa_eagerly_and_folds_the_query_heads_when_compiled(base: BaseModel) -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mavis_lc.decoding.static_step import decode_attention
+
+    module = base.model.model.layers[0].self_attn
+    assert module.num_key_value_groups == 2  # the tiny model is grouped-query: 4 query heads, 2 key/value heads
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 4, 1, 8, generator=g)  # (B, H, 1, d)
+    key, value = torch.randn(3, 2, 10, 8, generator=g), torch.randn(3, 2, 10, 8, generator=g)  # (B, H_kv, L, d)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    mask[2, ..., 7:] = False  # cache positions not written yet
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.35)
+    got, _ = decode_attention(module, query, key, value, mask, scaling=0.35)
+    assert torch.equal(got, want)  # eager: transformers' own function, bit for bit
+    compiled = torch.compile(lambda q, k, v, m: decode_attention(module, q, k, v, m, scaling=0.35)[0], dynamic=False)
+    folded = compiled(query, key, value, mask)
+    assert folded.shape == want.shape == (3, 1, 4, 8)
+    torch.testing.assert_close(folded, want, rtol=1e-5, atol=1e-6)
+    # Query heads 0-1 read key/value head 0 and heads 2-3 head 1: swapping the key/value heads must show.
+    swapped = compiled(query, key.flip(1), value.flip(1), mask)
+    assert not torch.allclose(swapped, want, atol=1e-3)
+
+
+def test_the_decode_attention_swap_is_scoped_and_counted(base: BaseModel) -> None:
+    from mavis_lc.decoding.static_step import DECODE_ATTENTION, _decode_attention
+
+    config = base.model.config
+    assert config._attn_implementation == "sdpa"
+    with _decode_attention(config):
+        with _decode_attention(config):  # two compiled steps of one model at once
+            assert config._attn_implementation == DECODE_ATTENTION
+        assert config._attn_implementation == DECODE_ATTENTION
+    assert config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), _decode_attention(config):
+        raise RuntimeError("a failing step")
+    assert config._attn_implementation == "sdpa"
+
+    class Eager:
+        _attn_implementation = "eager"
+
+    other = Eager()
+    with _decode_attention(other):
+        assert other._attn_implementation == "eager"  # only SDPA models are switched
+
+
+def test_the_packed_output_head_matches_the_plain_one_or_says_why_not() -> None:
+    from torch import nn
+
+    from mavis_lc.base_model import LogitTransform
+    from mavis_lc.decoding.static_step import PackedOutputHead
+
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(24, 300, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(300, 24, generator=g))
+    hidden = torch.randn(5, 24, generator=g)
+    head = PackedOutputHead(linear)
+    assert head.fallback_reason is None or "oneDNN" in head.fallback_reason
+    with torch.inference_mode():
+        got = head(hidden)
+    torch.testing.assert_close(got, linear(hidden), rtol=1e-5, atol=1e-4)
+    assert got.shape == (5, 300) and int(got.argmax(-1)[0]) == int(linear(hidden).argmax(-1)[0])
+    capped = PackedOutputHead(linear, LogitTransform(softcap=2.0))(hidden)
+    torch.testing.assert_close(capped, torch.tanh(linear(hidden) / 2.0) * 2.0, rtol=1e-5, atol=1e-5)
+    assert PackedOutputHead(nn.Linear(24, 300)).fallback_reason == "the LM head is not a bias-free nn.Linear"
+    half = PackedOutputHead(nn.Linear(24, 300, bias=False).to(torch.bfloat16))
+    assert "bfloat16" in (half.fallback_reason or "")
+    torch.testing.assert_close(half(hidden.bfloat16()), half.head(hidden.bfloat16()))  # the head itself
+
+
+def test_row_noise_draws_each_row_from_its_own_generator_exactly() -> None:
+    from mavis_lc.decoding.decoder import row_noise
+
+    like = torch.empty(7, 5000)
+    for inference in (False, True):
+        with torch.inference_mode(inference):
+            got = row_noise(like, [torch.Generator().manual_seed(s) for s in range(7)])
+        want = torch.stack(
+            [torch.empty(5000).exponential_(generator=torch.Generator().manual_seed(s)) for s in range(7)]
+        )
+        assert torch.equal(got, want)
+    one = row_noise(like[:1], [torch.Generator().manual_seed(3)])
+    assert torch.equal(one[0], want[3])
