@@ -184,7 +184,19 @@ def child(args: argparse.Namespace) -> None:
             run_plain(base, prompts, args.tokens, args.top_k)
         else:
             run_mavis(decoder, prompts, args.tokens, args.top_k)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM, MiB). Not getrusage's ru_maxrss: on Linux that
+    keeps the parent's size at fork across exec, so a child of a big process reads the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -256,7 +268,7 @@ def main() -> None:
             run_mavis(decoder, prompts, warm, args.top_k, grammar if name == "MAVIS json" else None)
             if decoder.static_step is not None:
                 step = decoder.static_step
-                spent = [s for (b, _), s in step.compile_seconds.items() if b == len(prompts)]
+                spent = [s for st in decoder.static_steps for (b, _), s in st.compile_seconds.items() if b == batch]
                 how = f"compiled in {sum(spent):.1f} s" if step.compiled else step.fallback_reason
                 print(f"batch {batch:>3}: {name}: first decode {time.perf_counter() - started:.1f} s ({how})")
         runs: dict[str, list[float]] = {"plain": [], **{name: [] for name in decoders}}
@@ -279,13 +291,20 @@ def main() -> None:
         for variant in ("plain", *decoders):
             print(f"{variant}: batch-{hi} / batch-{lo} throughput {results[hi][variant] / results[lo][variant]:.2f}x")
     if not args.no_memory:
-        rss = {}
-        for variant in ("plain", *args.value_models):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, *sys.argv[1:]]
+        rss: dict[str, float] = {}
+        eager_argv = [a for a in sys.argv[1:] if a != "--compile"]
+        variants = [("plain", "plain", eager_argv)]
+        for kind in args.value_models:
+            variants.append((names[kind], kind, eager_argv))
+            if args.compile:
+                variants.append((f"{names[kind]} compiled", kind, [*eager_argv, "--compile"]))
+        for label, variant, argv in variants:  # a fresh process each: peaks do not mix
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, *argv]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            rss[variant] = json.loads(out)["peak_rss_mib"]
-        shown = "   ".join(f"{names[k]} {rss[k]:.0f} MiB ({names[k]}/plain {rss[k] / rss['plain']:.3f})"
-                           for k in args.value_models)  # fmt: skip
+            rss[label] = json.loads(out)["peak_rss_mib"]
+        shown = "   ".join(
+            f"{k} {v:.0f} MiB ({k}/plain {v / rss['plain']:.3f})" for k, v in rss.items() if k != "plain"
+        )
         print(f"peak RSS: plain {rss['plain']:.0f} MiB   {shown}")
 
 
