@@ -28,7 +28,14 @@ from mavis_lc.base_model import BaseModel, with_cache
 from mavis_lc.decoding.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
 from mavis_lc.decoding.static_step import DEFAULT_BUCKET, StaticBranchState, StaticDecodeStep
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
-from mavis_lc.value_models import LayerTap, SideBranchValueModel, ValueModel, check_compatible, prompt_mean
+from mavis_lc.value_models import (
+    LayerTap,
+    SideBranchValueModel,
+    ValueModel,
+    check_compatible,
+    prompt_mean,
+    prompt_positions,
+)
 from mavis_lc.weights import Weights, weight_matrix
 
 
@@ -273,9 +280,9 @@ class MavisDecoder:
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self.static_step: StaticDecodeStep | None = None
-        self._branch_steps: dict[int, StaticDecodeStep] = {}
         """The compiled static-cache step (``compile=True``); one decode uses it at a time, and a
         decode that starts while it is busy runs on the eager path."""
+        self._branch_steps: dict[int, StaticDecodeStep] = {}  # head index -> its side branch's step
         if compile:
             self.static_step = StaticDecodeStep(
                 self._backbone,
@@ -429,7 +436,7 @@ class MavisDecoder:
         if cfg.do_sample and cfg.temperature > 0:
             generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
         ban = torch.tensor(self.base.eos_token_ids, device=device, dtype=torch.long)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        position_ids = prompt_positions(attention_mask)  # (B, P)
 
         tracker = _TextTracker(tok, [c.stop for c in row_cfgs], set(self.base.eos_token_ids), batch)
         temperature = cfg.temperature or 1.0  # greedy at T = 0 reads the tilt and statistics at T = 1

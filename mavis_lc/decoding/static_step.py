@@ -46,6 +46,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mavis_lc.base_model import with_cache
+from mavis_lc.value_models.base import prompt_positions
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +370,7 @@ class StaticBranchState:
 
     def prefill(self, taps: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """``taps``: the base's layer inputs over the left-padded prompts, (B, P, d); mask (B, P)."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        position_ids = prompt_positions(attention_mask)  # (B, P)
         states = self.step.start(
             taps.to(self.dtype), attention_mask, position_ids, self.max_new_tokens, contextlib.nullcontext()
         )  # (B, P, d)

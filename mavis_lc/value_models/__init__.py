@@ -18,6 +18,7 @@ from mavis_lc.value_models.base import (
     check_compatible,
     frozen,
     prompt_mean,
+    prompt_positions,
     read_head_config,
 )
 from mavis_lc.value_models.loading import ARCHITECTURES, load_value_model
@@ -55,5 +56,6 @@ __all__ = [
     "new_shared_head",
     "new_side_branch",
     "prompt_mean",
+    "prompt_positions",
     "read_head_config",
 ]

@@ -142,6 +142,11 @@ class ValueModel(nn.Module):
         return bytes(save_safetensors_bytes(tensors, metadata={CONFIG_KEY: self.config.to_json()}))
 
 
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, (B, P): 0 at each row's first real token, padding at 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def prompt_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The prompt-pooled query p: the mean of ``hidden`` (B, P, d) over the real tokens of
     ``attention_mask`` (B, P), in float32 -> (B, d)."""

@@ -24,7 +24,7 @@ from transformers import AutoModel
 
 from mavis_lc.base_model import BaseModel
 from mavis_lc.errors import ConfigurationError
-from mavis_lc.value_models.base import ValueHeadConfig, ValueModel, frozen
+from mavis_lc.value_models.base import ValueHeadConfig, ValueModel, frozen, prompt_positions
 from mavis_lc.value_models.shared_head import SharedBackboneQHead
 from mavis_lc.value_models.stacks import KVBatch, config_from_dict, embedding_matrix, layer_stack_config
 
@@ -97,7 +97,7 @@ class SeparateBackboneValueModel(ValueModel):
         Returns:
             (B, L-1): entry t is Q(prefix ``input_ids[:, :t+1]``, action ``input_ids[:, t+1]``).
         """
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = prompt_positions(attention_mask)
         h = self.backbone(
             inputs_embeds=self._embed(input_ids), attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state  # (B, L, d)

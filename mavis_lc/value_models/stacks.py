@@ -20,7 +20,7 @@ from transformers import AutoConfig, DynamicCache, PretrainedConfig
 
 from mavis_lc.base_model import BaseModel, with_cache
 from mavis_lc.errors import ConfigurationError, ModelLoadError
-from mavis_lc.value_models.base import prompt_mean
+from mavis_lc.value_models.base import prompt_mean, prompt_positions
 
 __all__ = ["KVBatch", "LayerTap", "config_from_dict", "embedding_matrix", "layer_stack_config"]
 
@@ -100,7 +100,7 @@ class KVBatch:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Start from left-padded prompts: ``input_ids`` and ``attention_mask`` are (B, P)."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        position_ids = prompt_positions(attention_mask)  # (B, P)
         with LayerTap(self.backbone, self.tap_layers) as tap:
             out = self.backbone(
                 inputs_embeds=self.embed(input_ids),
