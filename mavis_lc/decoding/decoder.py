@@ -261,11 +261,18 @@ class MavisDecoder:
         allow_other_base: bool = False,
         compile: bool = False,
         compile_bucket: int = DEFAULT_BUCKET,
+        pack_weights: bool = False,
     ) -> None:
         """``compile``: decode through a static KV cache and a `torch.compile`d step
         (`mavis_lc.decoding.static_step`); falls back to eager, with a logged reason, where
         compilation is unavailable. ``compile_bucket``: cache lengths are rounded up to a
-        multiple of it, so calls of nearby lengths share one compiled step."""
+        multiple of it, so calls of nearby lengths share one compiled step. ``pack_weights``
+        (needs ``compile``): that step's large linear layers, the base's and each side branch's,
+        run on oneDNN-packed copies of their weights on CPU in float32
+        (`mavis_lc.decoding.packed_linear`): faster steps for one more copy of those weights in
+        memory (about 318 MiB for SmolLM2)."""
+        if pack_weights and not compile:
+            raise DecodingParameterError("pack_weights=True needs compile=True (it packs the compiled step's layers)")
         names = [h.objective for h in heads]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -292,6 +299,7 @@ class MavisDecoder:
                 max_length=base.max_context,
                 output_head=base.model.get_output_embeddings(),
                 logit_transform=base.logit_transform,
+                pack_weights=pack_weights,
             )
             # Each side branch's own layers get a compiled static-cache step too, fed the tap states.
             self._branch_steps = {
@@ -302,6 +310,7 @@ class MavisDecoder:
                     max_length=base.max_context,
                     compile=self.static_step.compiled,
                     embeds=True,
+                    pack_weights=pack_weights,
                 )
                 for i, head in enumerate(self.heads)
                 if isinstance(head, SideBranchValueModel)

@@ -111,7 +111,13 @@ class MavisEngine:
     def __init__(self, base: BaseModel, sources: Sequence[HeadSource], *, allow_other_base: bool = False) -> None:
         heads = [load_value_model(s.path, base, allow_other_base=allow_other_base) for s in sources]
         settings = get_settings()
-        self.decoder = MavisDecoder(base, heads, allow_other_base=allow_other_base, compile=settings.compile)
+        self.decoder = MavisDecoder(
+            base,
+            heads,
+            allow_other_base=allow_other_base,
+            compile=settings.compile,
+            pack_weights=settings.compile and settings.pack_weights,
+        )
         self.sources = list(sources)
         self.scheduler = BatchScheduler(
             self.decoder,

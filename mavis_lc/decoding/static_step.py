@@ -46,6 +46,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mavis_lc.base_model import with_cache
+from mavis_lc.decoding import packed_linear
+from mavis_lc.decoding.packed_linear import PackedLinears
 from mavis_lc.value_models.base import prompt_positions
 
 logger = logging.getLogger(__name__)
@@ -216,10 +218,14 @@ class StaticDecodeStep:
         output_head: nn.Module | None = None,
         logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         embeds: bool = False,
+        pack_weights: bool = False,
     ) -> None:
         """``output_head`` (and the model's ``logit_transform``): the LM head that `logits` runs,
         packed where it can be (`PackedOutputHead`). ``embeds``: the stack is fed embeddings,
-        (B, P, d) at `start` and (B, d) per `step`, instead of token ids (a side branch)."""
+        (B, P, d) at `start` and (B, d) per `step`, instead of token ids (a side branch).
+        ``pack_weights``: the stack's large linear layers run on oneDNN-packed copies of their
+        weights (`mavis_lc.decoding.packed_linear`), made at the first `start`: faster, and one
+        more copy of those weights in memory."""
         self.backbone = backbone
         self._input_keyword = "inputs_embeds" if embeds else "input_ids"
         self.model_config = model_config
@@ -237,12 +243,16 @@ class StaticDecodeStep:
         self._cache_keyword = next(iter(with_cache(backbone, None)))  # looked up once, outside the graph
         self._compiled: Any = None
         if self.fallback_reason is None:
-            self._compiled = torch.compile(self._forward, dynamic=False, fullgraph=False, options=_compile_options())
+            forward = self._forward_packed if pack_weights else self._forward
+            self._compiled = torch.compile(forward, dynamic=False, fullgraph=False, options=_compile_options())
         self.output_head = PackedOutputHead(output_head, logit_transform) if output_head is not None else None
         self._caches: dict[tuple[int, int], StaticCache] = {}
         self._cache: StaticCache | None = None
         self._mask: torch.Tensor | None = None
         self._length = 0
+        self.pack_weights = pack_weights
+        self.packed: PackedLinears | None = None
+        """The packed copies (``pack_weights``), once the first `start` has made them."""
 
     @property
     def compiled(self) -> bool:
@@ -281,7 +291,11 @@ class StaticDecodeStep:
         self._mask = attention_mask.new_zeros(batch, length)
         self._mask[:, :prompt] = attention_mask
         self._length = prompt
-        with taps:
+        if self.pack_weights and self.packed is None:
+            self.packed = PackedLinears(
+                self.backbone, min_parameters=packed_linear.MIN_PACKED_PARAMETERS, batch_hint=batch
+            )
+        with taps, self._routed():
             states = self.backbone(
                 **{self._input_keyword: input_ids},
                 attention_mask=self._mask,
@@ -314,13 +328,14 @@ class StaticDecodeStep:
             first = key not in self.compile_seconds
             started = time.perf_counter()
             try:
-                with _decode_attention(self.model_config):
+                with _decode_attention(self.model_config), self._routed():
                     out = self._compiled(*args)
             except Exception as exc:  # inductor without a C compiler, an unsupported op, ...
                 self.fallback_reason = f"torch.compile failed ({type(exc).__name__}: {exc})"
                 logger.warning("decode step runs eagerly from now on: %s", self.fallback_reason)
                 self._compiled = None
-                return self._forward(*args)
+                with self._routed():
+                    return self._forward(*args)
             if first:
                 self.compile_seconds[key] = time.perf_counter() - started
                 logger.info(
@@ -330,6 +345,16 @@ class StaticDecodeStep:
                     self.compile_seconds[key],
                 )
             return out
+        with self._routed():
+            return self._forward(*args)
+
+    def _routed(self) -> contextlib.AbstractContextManager[None]:
+        return self.packed.routed() if self.packed is not None else contextlib.nullcontext()
+
+    def _forward_packed(self, *args: Any) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`_forward` under its own code object, so that its compiled graphs (which call the packed
+        layers) are cached apart from the unpacked ones: guards skip the base's modules, so a graph
+        traced through one step's routed layers would otherwise serve another step's plain ones."""
         return self._forward(*args)
 
     def _forward(

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from mavis_lc.base_model import BaseModel, load_base_model
-from mavis_lc.decoding import DecodeConfig, MavisDecoder
+from mavis_lc.decoding import DecodeConfig, MavisDecoder, packed_linear
+from mavis_lc.decoding.packed_linear import PackedLinears
 from mavis_lc.decoding.static_step import StaticDecodeStep, compile_unavailable_reason
+from mavis_lc.errors import DecodingParameterError
 from mavis_lc.value_models import new_side_branch
 from tests.unit.test_decoding import PROMPTS, plain_topk_sample, random_head
 
@@ -205,3 +207,71 @@ def test_row_noise_draws_each_row_from_its_own_generator_exactly() -> None:
         assert torch.equal(got, want)
     one = row_noise(like[:1], [torch.Generator().manual_seed(3)])
     assert torch.equal(one[0], want[3])
+
+
+def _count_packed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of `packed_linear` that ran a packed copy (the op is opaque to the compiler,
+    so this runs inside compiled graphs too)."""
+    served: list[int] = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def counting(*args: object) -> torch.Tensor:
+        served.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(packed_linear, "_pointwise", counting)
+    return served
+
+
+def test_packed_linears_match_f_linear_follow_in_place_updates_and_route_only_inside_the_block() -> None:
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 24, bias=False), torch.nn.Linear(24, 2))
+    x = torch.randn(5, 3, 24)
+    want = stack(x)
+    packed = PackedLinears(stack, min_parameters=900, batch_hint=4)
+    assert sorted(packed.layers) == ["0", "1"]  # the 24x2 layer is under the size floor
+    assert packed.nbytes == (24 * 40 + 40 * 24) * 4
+    assert "forward" not in stack[0].__dict__
+    with packed.routed(), packed.routed():  # nested blocks: routed until the outer one ends
+        got = stack(x)
+        assert "forward" in stack[0].__dict__
+    assert "forward" not in stack[0].__dict__ and "forward" not in stack[1].__dict__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        stack[1].weight.mul_(2.0)  # the copy is stale now: the live weight is used
+    with packed.routed():
+        torch.testing.assert_close(stack(x), stack.forward(x), rtol=0, atol=0)
+    packed.release()
+    assert not {w.data_ptr() for w in (stack[0].weight, stack[1].weight)} & set(packed_linear._registry)
+
+
+def test_packed_linears_leave_unsupported_layers_plain_with_a_reason() -> None:
+    stack = torch.nn.Sequential(torch.nn.Linear(32, 32).to(torch.float64))
+    packed = PackedLinears(stack, min_parameters=0)
+    assert not packed.layers and "float64" in packed.skipped["0"]
+
+
+def test_pack_weights_on_the_compiled_path_keeps_the_tokens_and_needs_compile(
+    base: BaseModel, decoders: tuple[MavisDecoder, MavisDecoder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eager, _ = decoders
+    with pytest.raises(DecodingParameterError, match="pack_weights=True needs compile=True"):
+        MavisDecoder(base, eager.heads, pack_weights=True)
+    monkeypatch.setattr(packed_linear, "MIN_PACKED_PARAMETERS", 0)  # the tiny model's layers are small
+    served = _count_packed_calls(monkeypatch)
+    packed = MavisDecoder(base, eager.heads, compile=True, compile_bucket=64, pack_weights=True)
+    rows = [{"positivity": 1.0}, {"conciseness": 1.0}, {"positivity": 0.5, "conciseness": 0.5}, {}]
+    cfg = DecodeConfig(max_new_tokens=16, top_k=20, seed=3, beta=2.0)
+    got = packed.generate(PROMPTS, rows, cfg)
+    want = eager.generate(PROMPTS, rows, cfg)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    for c, e in zip(got, want, strict=True):
+        assert c.kl == pytest.approx(e.kl, abs=1e-4)
+    step = packed.static_step
+    assert step is not None and step.compiled and step.packed is not None
+    # q, k, v, o, gate, up, down of each of the tiny model's layers, all packed, used in every step
+    assert len(step.packed.layers) == 7 * base.model.config.num_hidden_layers
+    assert len(served) >= len(step.packed.layers) * 16
+    assert not any("forward" in layer.__dict__ for layer in step.packed.layers.values())
+    plain = DecodeConfig(max_new_tokens=12, top_k=12, temperature=0.8, seed=11)
+    assert packed.generate([PROMPTS[0]], {}, plain)[0].token_ids == plain_topk_sample(base, PROMPTS[0], plain)
