@@ -153,7 +153,9 @@ class PackedLinears:
         except Exception as exc:  # an op missing from this build, a reorder the CPU does not support, ...
             return f"oneDNN reorder failed ({type(exc).__name__}: {exc})"
         with _registry_lock:
-            _registry[ptr] = _Entry(packed, weakref.ref(layer.weight), tuple(weight.shape), weight._version)
+            stale = _registry.get(ptr)  # a copy of this storage made before an in-place update: replaced
+            users = 1 + (stale.users if stale is not None else 0)
+            _registry[ptr] = _Entry(packed, weakref.ref(layer.weight), tuple(weight.shape), weight._version, users)
             self._ptrs.append(ptr)
         self.nbytes += weight.numel() * weight.element_size()
         return None

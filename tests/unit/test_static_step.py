@@ -241,6 +241,12 @@ def test_packed_linears_match_f_linear_follow_in_place_updates_and_route_only_in
         stack[1].weight.mul_(2.0)  # the copy is stale now: the live weight is used
     with packed.routed():
         torch.testing.assert_close(stack(x), stack.forward(x), rtol=0, atol=0)
+    again = PackedLinears(stack, min_parameters=900, batch_hint=4)  # a new user repacks the stale copy
+    with again.routed():
+        repacked = stack(x)
+    torch.testing.assert_close(repacked, stack.forward(x), rtol=1e-5, atol=1e-5)
+    assert packed_linear._registry[stack[1].weight.data_ptr()].users == 2
+    again.release()
     packed.release()
     assert not {w.data_ptr() for w in (stack[0].weight, stack[1].weight)} & set(packed_linear._registry)
 
