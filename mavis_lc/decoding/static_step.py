@@ -47,7 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mavis_lc.base_model import with_cache
 from mavis_lc.decoding import packed_linear
-from mavis_lc.decoding.packed_linear import PackedLinears
+from mavis_lc.decoding.packed_linear import PackedLinears, unpackable_reason
 from mavis_lc.value_models.base import prompt_positions
 
 logger = logging.getLogger(__name__)
@@ -145,12 +145,8 @@ class PackedOutputHead:
     def _unpackable(head: nn.Module) -> str | None:
         if not isinstance(head, nn.Linear) or head.bias is not None:
             return "the LM head is not a bias-free nn.Linear"
-        weight = head.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
-            return f"the LM head is {weight.dtype} on {weight.device.type} (packed: float32 on CPU)"
-        if not torch.backends.mkldnn.is_available():
-            return "oneDNN (mkldnn) is not available in this torch build"
-        return None
+        reason = unpackable_reason(head)
+        return None if reason is None else f"the LM head: {reason}"
 
     def _pack(self) -> torch.Tensor | None:
         assert isinstance(self.head, nn.Linear)
