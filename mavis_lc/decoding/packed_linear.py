@@ -97,6 +97,23 @@ def unpackable_reason(layer: nn.Module) -> str | None:
     return None
 
 
+def packed_copy(
+    weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int
+) -> tuple[torch.Tensor, None] | tuple[None, str]:
+    """``weight`` reordered into oneDNN's blocked layout for ``batch_hint`` rows and checked against
+    `F.linear` on a probe; or None and why it could not be."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+        want = F.linear(probe, weight, bias)
+    except Exception as exc:  # an op missing from this build, a reorder the CPU does not support, ...
+        return None, f"oneDNN reorder failed ({type(exc).__name__}: {exc})"
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+        return None, f"the oneDNN-packed copy differs from F.linear by {float((got - want).abs().max()):.3g}"
+    return packed, None
+
+
 @dataclass
 class PackedLinears:
     """The packed copies of one module's large linear layers; `release` (or garbage collection)
@@ -142,16 +159,9 @@ class PackedLinears:
                 entry.users += 1
                 self._ptrs.append(ptr)
                 return None
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
-            probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-            bias = None if layer.bias is None else layer.bias.detach()
-            got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
-            want = F.linear(probe, weight, bias)
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-                return f"the packed copy differs from F.linear by {float((got - want).abs().max()):.3g}"
-        except Exception as exc:  # an op missing from this build, a reorder the CPU does not support, ...
-            return f"oneDNN reorder failed ({type(exc).__name__}: {exc})"
+        packed, reason = packed_copy(weight, None if layer.bias is None else layer.bias.detach(), self.batch_hint)
+        if packed is None:
+            return reason
         with _registry_lock:
             stale = _registry.get(ptr)  # a copy of this storage made before an in-place update: replaced
             users = 1 + (stale.users if stale is not None else 0)
@@ -187,7 +197,6 @@ class PackedLinears:
     def release(self) -> None:
         """Drop this object's claim on its packed copies (a copy goes when its last user does)."""
         _release(self._ptrs)
-        self._ptrs.clear()
         self.layers.clear()
 
 

@@ -47,7 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mavis_lc.base_model import with_cache
 from mavis_lc.decoding import packed_linear
-from mavis_lc.decoding.packed_linear import PackedLinears, unpackable_reason
+from mavis_lc.decoding.packed_linear import PackedLinears, packed_copy, unpackable_reason
 from mavis_lc.value_models.base import prompt_positions
 
 logger = logging.getLogger(__name__)
@@ -150,18 +150,10 @@ class PackedOutputHead:
 
     def _pack(self) -> torch.Tensor | None:
         assert isinstance(self.head, nn.Linear)
-        weight = self.head.weight.detach()
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
-            probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-            got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
-            want = F.linear(probe, weight)
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-                raise RuntimeError(f"differs from the plain head by {float((got - want).abs().max()):.3g}")
-        except Exception as exc:  # an op missing from this build, a reorder the CPU does not support, ...
-            self.fallback_reason = f"oneDNN reorder failed ({type(exc).__name__}: {exc})"
+        packed, reason = packed_copy(self.head.weight.detach(), None, 32)
+        if packed is None:
+            self.fallback_reason = reason
             logger.info("LM head runs unpacked: %s", self.fallback_reason)
-            return None
         return packed
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
