@@ -15,7 +15,6 @@ import math
 import random
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +25,7 @@ from transformers import DynamicCache
 
 from mavis_lc.base_model import BaseModel, with_cache
 from mavis_lc.decoding.grammar import Grammar, GrammarCompiler, GrammarError, RowConstraint
+from mavis_lc.decoding.noise import RowNoise, row_noise
 from mavis_lc.decoding.static_step import DEFAULT_BUCKET, StaticBranchState, StaticDecodeStep
 from mavis_lc.errors import DecodingParameterError, IncompatibleHeadError
 from mavis_lc.value_models import (
@@ -148,48 +148,6 @@ class StepOutput:
     tilt: torch.Tensor  # (B, M) Q_m(chosen) - E_{pi_ref top-k}[Q_m]
 
 
-_noise_pool: ThreadPoolExecutor | None = None
-_noise_pool_lock = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _noise_pool
-    with _noise_pool_lock:
-        if _noise_pool is None:
-            workers = max(1, torch.get_num_threads())
-            _noise_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mavis-noise")
-        return _noise_pool
-
-
-def row_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Exp(1) noise (B, V), row b drawn from ``generators[b]`` over the whole vocabulary, as
-    `torch.multinomial` draws it for one sample.
-
-    Drawing is most of a CPU step's sampling cost (a batch of 8 over SmolLM2's 49152 tokens: about
-    6 ms) and each row's draws depend only on its own generator, so on CPU the rows are split
-    among the intra-op thread count's worth of threads (the draw releases the GIL); every row
-    still gets exactly the numbers its generator gives alone."""
-    noise = torch.empty_like(like)  # (B, V)
-    rows = len(generators)
-    workers = min(rows, max(1, torch.get_num_threads()))
-    if like.device.type != "cpu" or workers < 2:
-        for b, g in enumerate(generators):
-            noise[b].exponential_(generator=g)
-        return noise
-
-    inference = torch.is_inference_mode_enabled()  # thread-local: the workers enter it too
-
-    def fill(part: range) -> None:
-        with torch.inference_mode(inference):
-            for b in part:
-                noise[b].exponential_(generator=generators[b])
-
-    # Contiguous chunks, one per worker; list() re-raises a worker's exception here.
-    bounds = [rows * w // workers for w in range(workers + 1)]
-    list(_pool().map(fill, [range(bounds[w], bounds[w + 1]) for w in range(workers)]))
-    return noise
-
-
 @torch.no_grad()
 def mavis_step(
     logits: torch.Tensor,
@@ -200,7 +158,7 @@ def mavis_step(
     beta: float,
     top_k: int,
     temperature: float,
-    generators: Sequence[torch.Generator] | None,
+    generators: Sequence[torch.Generator] | RowNoise | None,
     allowed: torch.Tensor | None = None,
     prompt_hidden: torch.Tensor | None = None,
 ) -> StepOutput:
@@ -210,7 +168,8 @@ def mavis_step(
         logits: base next-token logits, (B, V), as the model gives them.
         hidden: base final hidden states at the last position, (B, d).
         heads: M value models; weights: (B, M) per-row objective weights.
-        generators: one per row to sample with; None takes the argmax (greedy).
+        generators: one per row to sample with (each advanced by a vocabulary's draws), or the
+            rows' `RowNoise` streams (the decoder's: faster on CPU); None takes the argmax (greedy).
         allowed: (B, V) bool, the tokens a row may take (say, EOS banned); the top-k is taken
             among them, but ``log_ratio`` is still against the unconstrained base.
         prompt_hidden: (B, d) the prompt-pooled query of every row (`prompt_mean`), for heads that read it.
@@ -231,10 +190,13 @@ def mavis_step(
     scores = log_probs  # (B, k) greedy takes the argmax of pi
     if generators is not None:
         # torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) drawn over the whole vocabulary.
-        # Drawing the same q from each row's generator samples exactly what plain top-k
-        # sampling with that seed samples, an order of magnitude faster than multinomial on CPU.
-        noise = row_noise(ref_logits, generators)  # (B, V)
-        scores = log_probs.exp() / noise.gather(1, candidates)  # (B, k)
+        # Taking the same q from each row's stream samples exactly what plain top-k sampling with
+        # that seed samples; only q at the candidates is read (mavis_lc.decoding.noise).
+        if isinstance(generators, RowNoise):
+            noise = generators.at(candidates, ref_logits)  # (B, k)
+        else:
+            noise = row_noise(ref_logits, generators).gather(1, candidates)  # (B, k)
+        scores = log_probs.exp() / noise  # (B, k)
     choice = scores.argmax(dim=-1, keepdim=True)  # (B, 1)
     tokens = candidates.gather(1, choice).squeeze(1)  # (B,)
     chosen_log_prob = log_probs.gather(1, choice).squeeze(1)  # (B,)
@@ -441,9 +403,9 @@ class MavisDecoder:
         max_new = [c.max_new_tokens for c in row_cfgs]
         min_new = [c.min_new_tokens for c in row_cfgs]
         weight_rows = weight_matrix(rows, self.objectives, device=device)  # (B, M)
-        generators = None
+        generators: RowNoise | None = None
         if cfg.do_sample and cfg.temperature > 0:
-            generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+            generators = RowNoise.from_seeds(row_seeds, device)
         ban = torch.tensor(self.base.eos_token_ids, device=device, dtype=torch.long)
         position_ids = prompt_positions(attention_mask)  # (B, P)
 

@@ -194,21 +194,6 @@ def test_the_packed_output_head_matches_the_plain_one_or_says_why_not() -> None:
     torch.testing.assert_close(half(hidden.bfloat16()), half.head(hidden.bfloat16()))  # the head itself
 
 
-def test_row_noise_draws_each_row_from_its_own_generator_exactly() -> None:
-    from mavis_lc.decoding.decoder import row_noise
-
-    like = torch.empty(7, 5000)
-    for inference in (False, True):
-        with torch.inference_mode(inference):
-            got = row_noise(like, [torch.Generator().manual_seed(s) for s in range(7)])
-        want = torch.stack(
-            [torch.empty(5000).exponential_(generator=torch.Generator().manual_seed(s)) for s in range(7)]
-        )
-        assert torch.equal(got, want)
-    one = row_noise(like[:1], [torch.Generator().manual_seed(3)])
-    assert torch.equal(one[0], want[3])
-
-
 def _count_packed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the calls of `packed_linear` that ran a packed copy (the op is opaque to the compiler,
     so this runs inside compiled graphs too)."""
