@@ -3,7 +3,8 @@
 Both sample top-k from the same base model with the same prompts and lengths (EOS banned, so
 every row generates exactly --tokens tokens). Timings alternate plain / MAVIS runs in one
 process and report medians, so machine noise hits both alike; the printed ratios are what to
-read. Peak RSS is measured in two fresh child processes, one per variant.
+read. Peak RSS is measured in a fresh child process per variant, which decodes each batch size in
+turn: its peak after the first batch size, and over the whole run.
 
     python benchmarks/decode.py                      # SmolLM2, batch 1 and 8, 2 shared-backbone heads
     python benchmarks/decode.py --prompts ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz
@@ -184,13 +185,15 @@ def child(args: argparse.Namespace) -> None:
         compile=args.compile,
         pack_weights=args.pack_weights,
     )
+    peaks: dict[int, float] = {}
     for batch in args.batch:
         prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
         if args.child == "plain":
             run_plain(base, prompts, args.tokens, args.top_k)
         else:
             run_mavis(decoder, prompts, args.tokens, args.top_k)
-    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+        peaks[batch] = peak_rss_mib()  # the peak so far: after the first batch size, that one's alone
+    print(json.dumps({"peak_rss_mib": peak_rss_mib(), "after_batch": peaks}))
 
 
 def peak_rss_mib() -> float:
@@ -312,7 +315,8 @@ def main() -> None:
         for variant in ("plain", *decoders):
             print(f"{variant}: batch-{hi} / batch-{lo} throughput {results[hi][variant] / results[lo][variant]:.2f}x")
     if not args.no_memory:
-        rss: dict[str, float] = {}
+        rss: dict[str, float] = {}  # each variant's peak over every batch size
+        first: dict[str, float] = {}  # its peak after the first batch size only
         eager_argv = [a for a in sys.argv[1:] if a not in ("--compile", "--pack-weights")]
         variants = [("plain", "plain", eager_argv)]
         for kind in args.value_models:
@@ -325,10 +329,12 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, *argv]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             rss[label] = json.loads(out)["peak_rss_mib"]
-        shown = "   ".join(
-            f"{k} {v:.0f} MiB ({k}/plain {v / rss['plain']:.3f})" for k, v in rss.items() if k != "plain"
-        )
-        print(f"peak RSS: plain {rss['plain']:.0f} MiB   {shown}")
+            first[label] = json.loads(out)["after_batch"][str(args.batch[0])]
+        for title, peaks in ((f"batch {args.batch[0]} alone", first), ("whole run", rss)):
+            shown = "   ".join(
+                f"{k} {v:.0f} MiB ({k}/plain {v / peaks['plain']:.3f})" for k, v in peaks.items() if k != "plain"
+            )
+            print(f"peak RSS, {title}: plain {peaks['plain']:.0f} MiB   {shown}")
 
 
 if __name__ == "__main__":

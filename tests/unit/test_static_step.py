@@ -183,7 +183,10 @@ def test_the_packed_output_head_matches_the_plain_one_or_says_why_not() -> None:
     head = PackedOutputHead(linear)
     assert head.fallback_reason is None or "oneDNN" in head.fallback_reason
     with torch.inference_mode():
+        few = head(hidden[:2])  # under min_rows: the head itself, and no copy made
+        assert not head.packed and torch.equal(few, linear(hidden[:2]))
         got = head(hidden)
+        assert head.packed == (head.fallback_reason is None)
     torch.testing.assert_close(got, linear(hidden), rtol=1e-5, atol=1e-4)
     assert got.shape == (5, 300) and int(got.argmax(-1)[0]) == int(linear(hidden).argmax(-1)[0])
     capped = PackedOutputHead(linear, LogitTransform(softcap=2.0))(hidden)
