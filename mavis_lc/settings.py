@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     before it runs faster; where compilation is unavailable the step runs eagerly, with a logged reason."""
     pack_weights: bool = False
     """With ``compile``: the compiled step's large linear layers run on oneDNN-packed copies of
-    their weights (CPU, float32): faster decode steps for one more copy of those weights in memory
-    (about 318 MiB for SmolLM2). Ignored without ``compile``."""
+    their weights (CPU, float32), for one more copy of those weights in memory (304 MiB for SmolLM2):
+    faster decode steps on some CPUs, slower on others (docs/benchmarks.md). Ignored without ``compile``."""
 
     def resolved_database_url(self) -> str:
         if self.database_url is not None:

@@ -231,8 +231,8 @@ class MavisDecoder:
         multiple of it, so calls of nearby lengths share one compiled step. ``pack_weights``
         (needs ``compile``): that step's large linear layers, the base's and each side branch's,
         run on oneDNN-packed copies of their weights on CPU in float32
-        (`mavis_lc.decoding.packed_linear`): faster steps for one more copy of those weights in
-        memory (about 318 MiB for SmolLM2)."""
+        (`mavis_lc.decoding.packed_linear`), for one more copy of those weights in memory (304 MiB
+        for SmolLM2): faster steps on some CPUs, slower on others."""
         if pack_weights and not compile:
             raise DecodingParameterError("pack_weights=True needs compile=True (it packs the compiled step's layers)")
         names = [h.objective for h in heads]

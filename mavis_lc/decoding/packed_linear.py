@@ -4,8 +4,10 @@ With ``MavisDecoder(compile=True, pack_weights=True)`` each large bias-free-or-b
 `nn.Linear` of the base's decoder stack (and of every side branch) gets a second copy of its weight,
 reordered once into oneDNN's blocked layout. For the handful of rows a decode step feeds, MKL's
 plain GEMM re-packs the weight on every call; the packed copy skips that: on SmolLM2's MLP at
-batch 8, 223 -> 162 us (576->1536) and 244 -> 152 us (1536->576) per call on 2 CPU cores. The price
-is memory: one more copy of every packed weight (about 318 MiB for SmolLM2's 90 MLP matrices),
+batch 8, 223 -> 162 us (576->1536) and 244 -> 152 us (1536->576) per call on one machine's 2 CPU
+cores. On another (AVX-512 and AMX), oneDNN's packed kernel was the slower one (576->1536 at 8
+rows: 164 us against 89 us), so whether it pays depends on the CPU. The price is memory: one more
+copy of every packed weight (304 MiB for SmolLM2's 90 MLP matrices),
 which `PackedLinears.nbytes` reports and a log line states. The user's model is never changed: the
 copies live here, and the layers are routed to them only inside `PackedLinears.routed`.
 
