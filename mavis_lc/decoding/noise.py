@@ -31,7 +31,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_STATE_WORDS = 624  # MT19937's state, stored by torch as 624 uint64 after three header fields
+_STATE_WORDS = 624  # MT19937's state: torch stores it as 624 uint64 after seed, left, seeded, next
 _LEFT = slice(8, 12)  # int32: draws left before the next twist, plus one
 _STATE = slice(24, 24 + 8 * _STATE_WORDS)
 _LOW_53 = np.uint64((1 << 53) - 1)
@@ -144,6 +144,11 @@ class RowNoise:
     def at(self, candidates: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Noise (B, k) at ``candidates`` (B, k), in ``like``'s dtype and on its device: ``like`` is
         the step's (B, V) logits, one row per stream, and each stream advances by V draws."""
+        if candidates.shape[0] != len(self.generators) or like.shape[0] != len(self.generators):
+            raise ValueError(
+                f"{len(self.generators)} noise streams, but {candidates.shape[0]} rows of candidates "
+                f"and {like.shape[0]} rows of logits"
+            )
         if self.fallback_reason is not None:
             return row_noise(like, self.generators).gather(1, candidates)
         vocab = like.shape[-1]

@@ -67,6 +67,12 @@ def test_a_row_streams_alone_as_in_any_batch() -> None:
         assert not torch.equal(theirs[0], theirs[1])
 
 
+def test_a_row_count_other_than_the_streams_is_refused() -> None:
+    streams = RowNoise.from_seeds([1, 2])
+    with pytest.raises(ValueError, match="2 noise streams, but 3 rows of candidates and 3 rows of logits"):
+        streams.at(torch.zeros(3, 4, dtype=torch.long), torch.empty(3, 100))
+
+
 def test_the_generators_given_are_read_not_advanced() -> None:
     generator = torch.Generator().manual_seed(9)
     before = generator.get_state().clone()
