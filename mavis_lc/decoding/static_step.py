@@ -207,6 +207,21 @@ def _compile_options() -> dict[str, Any] | None:
     return {"guard_filter_fn": skip} if skip is not None else None
 
 
+def _install_output_capturing(backbone: nn.Module) -> None:
+    """Install transformers' hidden-state capturing hooks now, eagerly. A forward asked for
+    ``output_hidden_states`` installs them at its first call, under a lock that `torch.compile`
+    cannot trace: the compiled step of a decoder with side branches broke its graph there and ran
+    as three compiled frames, each with its own guard checks, instead of one graph (on CPU the
+    whole decode's speed did not measurably change; a CUDA graph cannot span a break). Once
+    installed, the forward's check is a plain attribute read. transformers without these hooks:
+    nothing to do."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # pragma: no cover - transformers without output-capturing hooks
+        return
+    maybe_install_capturing_hooks(backbone)
+
+
 class StaticDecodeStep:
     """One base model's static-cache decode, compiled once per (batch size, cache length) shape.
 
@@ -251,6 +266,8 @@ class StaticDecodeStep:
                 logger.warning("decode step runs eagerly: %s", self.fallback_reason)
         self._cache_keyword = next(iter(with_cache(backbone, None)))  # looked up once, outside the graph
         self._compiled: Any = None
+        if self.tap_layers:
+            _install_output_capturing(backbone)
         if self.fallback_reason is None:
             forward = self._forward_packed if pack_weights else self._forward
             self._compiled = torch.compile(forward, dynamic=False, fullgraph=False, options=_compile_options())

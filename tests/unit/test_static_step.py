@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder, packed_linear
@@ -72,8 +73,12 @@ def test_side_branch_on_the_compiled_path_reads_the_same_layer_inputs(base: Base
     cfg = DecodeConfig(max_new_tokens=12, top_k=20, seed=2, beta=3.0)
     eager = MavisDecoder(base, [branch]).generate(PROMPTS[:2], {"positivity": 1.0}, cfg)
     decoder = MavisDecoder(base, [branch], compile=True, compile_bucket=64)
+    counters.clear()
     compiled = decoder.generate(PROMPTS[:2], {"positivity": 1.0}, cfg)
     assert [g.token_ids for g in compiled] == [g.token_ids for g in eager]
+    # The base's step returns the tap states without breaking its graph (transformers installs its
+    # hidden-state hooks under a lock the compiler cannot trace, unless they are in place already).
+    assert not counters["graph_break"], dict(counters["graph_break"])
     # The branch's own layers ran on their own compiled static-cache step, fed the tap states.
     _, branch_step = decoder.static_steps
     assert branch_step.compiled and list(branch_step.compile_seconds) == [(2, 64)]
