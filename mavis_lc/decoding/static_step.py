@@ -3,14 +3,11 @@
 `MavisDecoder(compile=True)` decodes through a `StaticDecodeStep`: the prompt is prefilled
 eagerly (its length varies: dynamic shapes only there), into a transformers `StaticCache` whose
 length is the batch's longest prompt plus its longest answer, rounded up to a multiple of
-``bucket``; every following step feeds one token per row at a fixed shape, (R, 1) tokens and an
-(R, L) attention mask, so the compiled step is reused across steps and across calls with the
-same row bucket and length bucket. R is the batch's row count rounded up to a power of two
-(`padded_rows`; the padding rows repeat the last row and are dropped from every result), so a
-serving engine's batches of any size up to 32 rows need at most 6 compiled shapes per length.
-Compiling costs a one-time price per process and shape (tens of seconds on CPU for a 135M model
-with a cold inductor cache, a few seconds with a warm one), which
-`StaticDecodeStep.compile_seconds` records and a log line reports.
+``bucket``; every following step feeds one token per row at a fixed shape, (B, 1) tokens and a
+(B, L) attention mask, so the compiled step is reused across steps and across calls with the
+same batch size and length bucket. Compiling costs a one-time price per process and shape (tens
+of seconds on CPU for a 135M model), which `StaticDecodeStep.compile_seconds` records and a log
+line reports.
 
 Where compilation is not available (`torch.compile` unsupported on this platform or Python, no C
 compiler for inductor on CPU, or a compile error), the step logs the reason once and runs the
@@ -226,22 +223,6 @@ def _install_output_capturing(backbone: nn.Module) -> None:
         maybe_install_capturing_hooks(backbone)
 
 
-def padded_rows(batch: int) -> int:
-    """The rows a compiled step runs for a batch of ``batch``: the next power of two. A serving
-    engine merges concurrent calls into batches of any size up to its limit; rounding them up
-    keeps the compiled shapes to 1, 2, 4, 8, ... per cache length (6 up to 32 rows, instead of 32),
-    each compiled once per process, for at most twice the rows' compute in the step."""
-    if batch < 1:
-        raise ValueError(f"a batch has at least one row, got {batch}")
-    return 1 << (batch - 1).bit_length()
-
-
-def _repeat_last_row(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``t`` (B, ...) with its last row repeated to ``rows`` rows: padding rows that are valid
-    inputs (a real prompt, its mask, its positions), whose results are dropped."""
-    return torch.cat([t, t[-1:].expand(rows - t.shape[0], *t.shape[1:])], dim=0)
-
-
 class StaticDecodeStep:
     """One base model's static-cache decode, compiled once per (batch size, cache length) shape.
 
@@ -296,7 +277,6 @@ class StaticDecodeStep:
         self._cache: StaticCache | None = None
         self._mask: torch.Tensor | None = None
         self._length = 0
-        self._batch = 0  # the rows of the decode begun by `start` (the cache may hold more: `padded_rows`)
         self.pack_weights = pack_weights
         self.packed: PackedLinears | None = None
         """The packed copies (``pack_weights``), once the first `start` has made them."""
@@ -324,19 +304,10 @@ class StaticDecodeStep:
 
         ``input_ids``: (B, P) token ids, or (B, P, d) embeddings for a stack built with ``embeds``.
 
-        ``taps`` is an entered `LayerTap` (or a no-op one) that captures the prefill's layer inputs.
-
-        The stack runs `padded_rows` (B) rows, the last row repeated: the rows past B are computed
-        and dropped, never returned, here or by `step`."""
+        ``taps`` is an entered `LayerTap` (or a no-op one) that captures the prefill's layer inputs."""
         batch, prompt = input_ids.shape[:2]
-        rows = padded_rows(batch)
-        if rows > batch:
-            input_ids, attention_mask, position_ids = (
-                _repeat_last_row(t, rows) for t in (input_ids, attention_mask, position_ids)
-            )
-        self._batch = batch
         length = self.cache_length(prompt, max_new_tokens)
-        key = (rows, length)
+        key = (batch, length)
         cache = self._caches.get(key)
         if cache is None:
             cache = StaticCache(config=self.model_config, max_cache_len=length)
@@ -344,12 +315,12 @@ class StaticDecodeStep:
         else:
             cache.reset()
         self._cache = cache
-        self._mask = attention_mask.new_zeros(rows, length)
+        self._mask = attention_mask.new_zeros(batch, length)
         self._mask[:, :prompt] = attention_mask
         self._length = prompt
         if self.pack_weights and self.packed is None:
             self.packed = PackedLinears(
-                self.backbone, min_parameters=packed_linear.MIN_PACKED_PARAMETERS, batch_hint=rows
+                self.backbone, min_parameters=packed_linear.MIN_PACKED_PARAMETERS, batch_hint=batch
             )
         with taps, self._routed():
             states = self.backbone(
@@ -360,12 +331,6 @@ class StaticDecodeStep:
                 **with_cache(self.backbone, cache),
                 use_cache=True,
             ).last_hidden_state
-        if rows > batch:
-            states = states[:batch]
-            captured = getattr(taps, "states", None)
-            if isinstance(captured, dict):
-                for layer, tapped in captured.items():
-                    captured[layer] = tapped[:batch]
         return states
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -381,24 +346,12 @@ class StaticDecodeStep:
             raise RuntimeError("start() must be called before step()")
         if self._length >= self._mask.shape[1]:
             raise RuntimeError(f"the static cache of {self._mask.shape[1]} positions is full")
-        if tokens.shape[0] != self._batch:
-            raise ValueError(f"step() got {tokens.shape[0]} rows; start() began {self._batch}")
-        rows = self._mask.shape[0]
-        if rows > self._batch:
-            tokens, positions = _repeat_last_row(tokens, rows), _repeat_last_row(positions, rows)
         self._mask[:, self._length] = 1
         cache_position = torch.tensor([self._length], device=tokens.device)
         self._length += 1
         args = (tokens[:, None], self._mask, positions[:, None], cache_position, self._cache)
-        hidden, taps = self._run(args)
-        if rows > self._batch:  # the padding rows are dropped
-            hidden, taps = hidden[: self._batch], {i: t[: self._batch] for i, t in taps.items()}
-        return hidden, taps
-
-    def _run(self, args: tuple[Any, ...]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The step's forward over every row the cache holds: compiled, or eagerly where it cannot be."""
         if self._compiled is not None:
-            key = (int(args[0].shape[0]), int(self._mask.shape[1]) if self._mask is not None else 0)
+            key = (int(tokens.shape[0]), int(self._mask.shape[1]))
             first = key not in self.compile_seconds
             started = time.perf_counter()
             try:

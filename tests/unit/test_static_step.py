@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder, packed_linear
 from mavis_lc.decoding.packed_linear import PackedLinears
-from mavis_lc.decoding.static_step import StaticDecodeStep, compile_unavailable_reason, padded_rows
+from mavis_lc.decoding.static_step import StaticDecodeStep, compile_unavailable_reason
 from mavis_lc.errors import DecodingParameterError
 from mavis_lc.value_models import new_side_branch
 from tests.unit.test_decoding import PROMPTS, plain_topk_sample, random_head
@@ -64,29 +64,6 @@ def test_compiled_batch_matches_eager_and_each_row_alone(decoders: tuple[MavisDe
     assert len({tuple(g.token_ids) for g in batched}) == 4
 
 
-def test_batches_run_at_power_of_two_rows_and_return_only_their_own() -> None:
-    assert [padded_rows(b) for b in (1, 2, 3, 4, 5, 8, 9, 31, 32, 33)] == [1, 2, 4, 4, 8, 8, 16, 32, 32, 64]
-    with pytest.raises(ValueError, match="got 0"):
-        padded_rows(0)
-
-
-def test_a_three_row_batch_runs_on_the_four_row_shape_and_matches_eager_and_each_row_alone(
-    decoders: tuple[MavisDecoder, MavisDecoder],
-) -> None:
-    eager, compiled = decoders
-    rows = [{"positivity": 1.0}, {"conciseness": 1.0}, {"positivity": 0.5, "conciseness": 0.5}]
-    cfg = DecodeConfig(max_new_tokens=10, top_k=20, seed=5, beta=2.0)
-    batched = compiled.generate(PROMPTS[:3], rows, cfg)
-    assert len(batched) == 3
-    assert [g.token_ids for g in batched] == [g.token_ids for g in eager.generate(PROMPTS[:3], rows, cfg)]
-    alone = [compiled.generate([p], w, cfg)[0] for p, w in zip(PROMPTS[:3], rows, strict=True)]
-    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
-    step = compiled.static_step
-    assert step is not None
-    assert {b for b, _ in step.compile_seconds} <= {1, 2, 4}  # no 3-row shape was compiled
-    assert any(b == 4 for b, _ in step.compile_seconds)
-
-
 def test_side_branch_on_the_compiled_path_reads_the_same_layer_inputs(base: BaseModel) -> None:
     head = random_head(base, "positivity", 7, 0.3)
     branch = new_side_branch(base, "positivity", n_layers=1, head=head).requires_grad_(False)
@@ -106,13 +83,6 @@ def test_side_branch_on_the_compiled_path_reads_the_same_layer_inputs(base: Base
     _, branch_step = decoder.static_steps
     assert branch_step.compiled and list(branch_step.compile_seconds) == [(2, 64)]
     for c, e in zip(compiled, eager, strict=True):
-        assert c.mean_tilt["positivity"] == pytest.approx(e.mean_tilt["positivity"], abs=1e-4)
-    # 3 rows run on 4-row shapes: the padding row's tap states and branch states are dropped.
-    three = decoder.generate(PROMPTS[:3], {"positivity": 1.0}, cfg)
-    reference = MavisDecoder(base, [branch]).generate(PROMPTS[:3], {"positivity": 1.0}, cfg)
-    assert [g.token_ids for g in three] == [g.token_ids for g in reference]
-    assert list(branch_step.compile_seconds) == [(2, 64), (4, 64)]
-    for c, e in zip(three, reference, strict=True):
         assert c.mean_tilt["positivity"] == pytest.approx(e.mean_tilt["positivity"], abs=1e-4)
 
 
