@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     """With ``compile``: the compiled step's large linear layers run on oneDNN-packed copies of
     their weights (CPU, float32), for one more copy of those weights in memory (304 MiB for SmolLM2):
     faster decode steps on some CPUs, slower on others (docs/benchmarks.md). Ignored without ``compile``."""
+    few_rows_kernel: bool = True
+    """With ``compile``: the compiled step's linear layers run the few-rows kernel
+    (`mavis_lc.decoding.few_rows`) on CPU in float32 where it is available (AVX-512; built once per
+    machine, about 20 s); false keeps MKL's `F.linear`. Ignored without ``compile``."""
 
     def resolved_database_url(self) -> str:
         if self.database_url is not None:

@@ -224,6 +224,7 @@ class MavisDecoder:
         compile: bool = False,
         compile_bucket: int = DEFAULT_BUCKET,
         pack_weights: bool = False,
+        few_rows: bool = True,
     ) -> None:
         """``compile``: decode through a static KV cache and a `torch.compile`d step
         (`mavis_lc.decoding.static_step`); falls back to eager, with a logged reason, where
@@ -232,7 +233,10 @@ class MavisDecoder:
         (needs ``compile``): that step's large linear layers, the base's and each side branch's,
         run on oneDNN-packed copies of their weights on CPU in float32
         (`mavis_lc.decoding.packed_linear`), for one more copy of those weights in memory (304 MiB
-        for SmolLM2): faster steps on some CPUs, slower on others."""
+        for SmolLM2): faster steps on some CPUs, slower on others. ``few_rows`` (with ``compile``):
+        the compiled step's linear layers run the few-rows kernel on CPU in float32 where it is
+        available (`mavis_lc.decoding.few_rows`: AVX-512, built once per machine); False keeps
+        MKL's `F.linear`."""
         if pack_weights and not compile:
             raise DecodingParameterError("pack_weights=True needs compile=True (it packs the compiled step's layers)")
         names = [h.objective for h in heads]
@@ -262,6 +266,7 @@ class MavisDecoder:
                 output_head=base.model.get_output_embeddings(),
                 logit_transform=base.logit_transform,
                 pack_weights=pack_weights,
+                few_rows=few_rows,
             )
             # Each side branch's own layers get a compiled static-cache step too, fed the tap states.
             self._branch_steps = {
@@ -273,6 +278,7 @@ class MavisDecoder:
                     compile=self.static_step.compiled,
                     embeds=True,
                     pack_weights=pack_weights,
+                    few_rows=few_rows,
                 )
                 for i, head in enumerate(self.heads)
                 if isinstance(head, SideBranchValueModel)

@@ -117,6 +117,7 @@ class MavisEngine:
             allow_other_base=allow_other_base,
             compile=settings.compile,
             pack_weights=settings.compile and settings.pack_weights,
+            few_rows=settings.few_rows_kernel,
         )
         self.sources = list(sources)
         self.scheduler = BatchScheduler(

@@ -49,10 +49,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mavis_lc.base_model import with_cache
 from mavis_lc.decoding import packed_linear
+from mavis_lc.decoding.few_rows import FewRowsLinear, kernel_unavailable_reason
 from mavis_lc.decoding.packed_linear import PackedLinears, packed_copy, unpackable_reason
 from mavis_lc.value_models.base import prompt_positions
 
 logger = logging.getLogger(__name__)
+
+_UNDECIDED = object()
 
 DEFAULT_BUCKET = 128
 """Cache lengths are rounded up to a multiple of this, so nearby lengths share a compiled step."""
@@ -244,14 +247,18 @@ class StaticDecodeStep:
         logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         embeds: bool = False,
         pack_weights: bool = False,
+        few_rows: bool = True,
     ) -> None:
         """``output_head`` (and the model's ``logit_transform``): the LM head that `logits` runs,
         packed where it can be (`PackedOutputHead`). ``embeds``: the stack is fed embeddings,
         (B, P, d) at `start` and (B, d) per `step`, instead of token ids (a side branch).
         ``pack_weights``: the stack's large linear layers run on oneDNN-packed copies of their
         weights (`mavis_lc.decoding.packed_linear`), made at the first `start`: faster, and one
-        more copy of those weights in memory."""
+        more copy of those weights in memory. ``few_rows``: the step's other linear layers run the
+        few-rows kernel (`mavis_lc.decoding.few_rows`) where it is available."""
         self.backbone = backbone
+        self._few_rows = few_rows
+        self._few_rows_reason: object = _UNDECIDED
         self._input_keyword = "inputs_embeds" if embeds else "input_ids"
         self.model_config = model_config
         self.tap_layers = sorted(set(tap_layers))
@@ -355,13 +362,13 @@ class StaticDecodeStep:
             first = key not in self.compile_seconds
             started = time.perf_counter()
             try:
-                with _decode_attention(self.model_config), self._routed():
+                with _decode_attention(self.model_config), self._kernels():
                     out = self._compiled(*args)
             except Exception as exc:  # inductor without a C compiler, an unsupported op, ...
                 self.fallback_reason = f"torch.compile failed ({type(exc).__name__}: {exc})"
                 logger.warning("decode step runs eagerly from now on: %s", self.fallback_reason)
                 self._compiled = None
-                with self._routed():
+                with self._kernels():
                     return self._forward(*args)
             if first:
                 self.compile_seconds[key] = time.perf_counter() - started
@@ -372,8 +379,32 @@ class StaticDecodeStep:
                     self.compile_seconds[key],
                 )
             return out
-        with self._routed():
+        with self._kernels():
             return self._forward(*args)
+
+    def _kernels(self) -> contextlib.ExitStack[bool | None]:
+        """Where a step's linear layers run: packed copies (``pack_weights``), and the few-rows
+        kernel for the others on a float32 CPU stack where it is available."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._routed())
+        if self.few_rows_reason is None:
+            stack.enter_context(FewRowsLinear())
+        return stack
+
+    @property
+    def few_rows_reason(self) -> str | None:
+        """Why the step's linear layers do not run the few-rows kernel (None: they do);
+        decided at the first step, which builds the kernel if need be."""
+        if self._few_rows_reason is _UNDECIDED:
+            if not self._few_rows:
+                self._few_rows_reason = "few_rows=False"
+            else:
+                weight = next(self.backbone.parameters(), None)
+                if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+                    self._few_rows_reason = "the stack is not float32 on CPU"
+                else:
+                    self._few_rows_reason = kernel_unavailable_reason()
+        return self._few_rows_reason  # type: ignore[return-value]
 
     def _routed(self) -> contextlib.AbstractContextManager[None]:
         return self.packed.routed() if self.packed is not None else contextlib.nullcontext()

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, MavisDecoder, packed_linear
+from mavis_lc.decoding.few_rows import kernel_unavailable_reason
 from mavis_lc.decoding.packed_linear import PackedLinears
 from mavis_lc.decoding.static_step import StaticDecodeStep, compile_unavailable_reason
 from mavis_lc.errors import DecodingParameterError
@@ -62,6 +63,21 @@ def test_compiled_batch_matches_eager_and_each_row_alone(decoders: tuple[MavisDe
         for name in c.mean_tilt:
             assert c.mean_tilt[name] == pytest.approx(e.mean_tilt[name], abs=1e-4)
     assert len({tuple(g.token_ids) for g in batched}) == 4
+    # The compiled step's linear layers ran the few-rows kernel wherever it is available.
+    assert compiled.static_step is not None
+    assert compiled.static_step.few_rows_reason == kernel_unavailable_reason()
+
+
+def test_few_rows_false_keeps_f_linear_and_the_same_tokens(
+    base: BaseModel, decoders: tuple[MavisDecoder, MavisDecoder]
+) -> None:
+    _, compiled = decoders
+    plain = MavisDecoder(base, compiled.heads, compile=True, compile_bucket=64, few_rows=False)
+    cfg = DecodeConfig(max_new_tokens=12, top_k=20, seed=6, beta=2.0)
+    rows = [{"positivity": 1.0}, {"conciseness": 1.0}]
+    got = plain.generate(PROMPTS[:2], rows, cfg)
+    assert plain.static_step is not None and plain.static_step.few_rows_reason == "few_rows=False"
+    assert [g.token_ids for g in got] == [g.token_ids for g in compiled.generate(PROMPTS[:2], rows, cfg)]
 
 
 def test_side_branch_on_the_compiled_path_reads_the_same_layer_inputs(base: BaseModel) -> None:
