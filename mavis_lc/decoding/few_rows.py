@@ -188,15 +188,19 @@ def kernel_unavailable_reason() -> str | None:
 
 
 def eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``F.linear(x, weight)`` goes to the kernel: float32 on CPU, at most `MAX_ROWS` rows."""
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    """Whether ``F.linear(x, weight)`` goes to the kernel: float32 on CPU, at most `MAX_ROWS` rows,
+    a contiguous 2-D weight (another would be copied at every call), and no gradient to record
+    (the kernel has no backward)."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     return (
         x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
         and weight.dim() == 2
+        and weight.is_contiguous()
         and 1 <= rows <= MAX_ROWS
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 
 

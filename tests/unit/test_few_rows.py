@@ -78,6 +78,11 @@ def test_eligible_calls_are_float32_cpu_and_few_rows() -> None:
     assert not eligible(torch.zeros(2, 4, dtype=torch.float64), w.double())
     assert not eligible(torch.zeros(2, 4, dtype=torch.bfloat16), w.bfloat16())
     assert not eligible(torch.zeros(0, 4), w)
+    assert not eligible(torch.zeros(2, 8), torch.zeros(8, 8).t())  # a transposed weight
+    trained = torch.zeros(8, 4, requires_grad=True)
+    assert not eligible(torch.zeros(2, 4), trained)  # the kernel records no gradient
+    with torch.no_grad():
+        assert eligible(torch.zeros(2, 4), trained)
 
 
 @needs_kernel
