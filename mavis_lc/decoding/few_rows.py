@@ -3,10 +3,10 @@
 A decode step feeds each linear layer one row per sequence, so the product is (B, K) x (N, K)^T
 with B between 1 and a few dozen. For such B, MKL's float32 GEMM on an AVX-512 CPU runs far from
 both the core's arithmetic peak and the memory's bandwidth: on 2 cores, SmolLM2's 30 layers plus
-4 side-branch layers, their weights cycled from memory, took 20 ms at 1 row and 41 ms at 8. This
-kernel reads each weight row once per call, multiplies it with every input row while it is in
-the core's first-level cache (4 weight rows x up to 4 input rows per register tile) and
-prefetches the next rows meanwhile: 17 ms at 1 row and 30 ms at 8 on the same machine
+4 side-branch layers, their weights cycled from memory, took 21.8 ms at 1 row and 40.0 ms at 8.
+This kernel reads each weight row once per call, multiplies it with every input row while it is
+in the core's first-level cache (4 weight rows x up to 4 input rows per register tile) and
+prefetches the next rows meanwhile: 21.4 ms at 1 row and 28.4 ms at 8 on the same machine
 (`benchmarks/few_rows_linear.py`).
 
 Each output element is one dot product over K computed in a fixed order, whatever the number of
