@@ -24,9 +24,14 @@ eligible `F.linear` calls (float32, CPU, 2-D weight, at most `MAX_ROWS` rows) to
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,6 +142,31 @@ def _cpu_reason() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch's extension builder runs ``ninja`` from PATH. The ``ninja`` package installs it beside
+    the environment's Python, which is not on PATH when that Python is run without activating its
+    environment: then that directory is put on PATH for the build, and taken off after."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja
+
+        directory = str(getattr(ninja, "BIN_DIR", ""))
+    except ImportError:
+        directory = ""
+    if not directory or not Path(directory, "ninja").exists():
+        yield  # the build fails with torch's own message, which becomes the reason
+        return
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = directory + os.pathsep + before
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
 def _build() -> str | None:
     """Build and register the operator, then check it against `F.linear`; None when it can run."""
     reason = _cpu_reason()
@@ -146,13 +176,14 @@ def _build() -> str | None:
         from torch.utils.cpp_extension import load_inline
 
         started = time.perf_counter()
-        load_inline(
-            name="mavis_lc_few_rows_v1",
-            cpp_sources=[_SOURCE],
-            extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        with _ninja_on_path():
+            load_inline(
+                name="mavis_lc_few_rows_v1",
+                cpp_sources=[_SOURCE],
+                extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
         seconds = time.perf_counter() - started
     except Exception as exc:  # no compiler, no ninja, a build error, ...
         return f"the kernel did not build ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]})"

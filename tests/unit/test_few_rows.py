@@ -142,3 +142,14 @@ def test_a_failed_build_gets_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(few_rows, "_state", {})
     reason = kernel_unavailable_reason()
     assert reason is not None and "did not build" in reason and "Ninja is required" in reason
+
+
+def test_the_ninja_package_is_put_on_path_only_for_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    ninja = pytest.importorskip("ninja")
+    import os
+
+    monkeypatch.setattr(few_rows.shutil, "which", lambda name: None)  # not on PATH: an unactivated venv
+    before = os.environ.get("PATH", "")
+    with few_rows._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep)[0] == str(ninja.BIN_DIR)
+    assert os.environ.get("PATH", "") == before
