@@ -34,6 +34,7 @@ Both sum in another order than eager's, within the compiled path's documented to
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -54,8 +55,6 @@ from mavis_lc.decoding.packed_linear import PackedLinears, packed_copy, unpackab
 from mavis_lc.value_models.base import prompt_positions
 
 logger = logging.getLogger(__name__)
-
-_UNDECIDED = object()
 
 DEFAULT_BUCKET = 128
 """Cache lengths are rounded up to a multiple of this, so nearby lengths share a compiled step."""
@@ -258,7 +257,6 @@ class StaticDecodeStep:
         few-rows kernel (`mavis_lc.decoding.few_rows`) where it is available."""
         self.backbone = backbone
         self._few_rows = few_rows
-        self._few_rows_reason: object = _UNDECIDED
         self._input_keyword = "inputs_embeds" if embeds else "input_ids"
         self.model_config = model_config
         self.tap_layers = sorted(set(tap_layers))
@@ -391,20 +389,16 @@ class StaticDecodeStep:
             stack.enter_context(FewRowsLinear())
         return stack
 
-    @property
+    @functools.cached_property
     def few_rows_reason(self) -> str | None:
         """Why the step's linear layers do not run the few-rows kernel (None: they do);
         decided at the first step, which builds the kernel if need be."""
-        if self._few_rows_reason is _UNDECIDED:
-            if not self._few_rows:
-                self._few_rows_reason = "few_rows=False"
-            else:
-                weight = next(self.backbone.parameters(), None)
-                if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
-                    self._few_rows_reason = "the stack is not float32 on CPU"
-                else:
-                    self._few_rows_reason = kernel_unavailable_reason()
-        return self._few_rows_reason  # type: ignore[return-value]
+        if not self._few_rows:
+            return "few_rows=False"
+        weight = next(self.backbone.parameters(), None)
+        if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return "the stack is not float32 on CPU"
+        return kernel_unavailable_reason()
 
     def _routed(self) -> contextlib.AbstractContextManager[None]:
         return self.packed.routed() if self.packed is not None else contextlib.nullcontext()
