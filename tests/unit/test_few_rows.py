@@ -101,11 +101,12 @@ def test_the_mode_routes_only_its_own_threads_eligible_linears(monkeypatch: pyte
     with torch.no_grad(), FewRowsLinear():
         out = layer(small)
         layer(large)
+        F.linear(input=small, weight=layer.weight)  # keywords route too
         thread = threading.Thread(target=lambda: other.append(len(layer(small))))
         thread.start()
         thread.join()
     layer(small)  # outside the block
-    assert calls == [(2, 16)]  # only the small call inside the block, on this thread
+    assert calls == [(2, 16), (2, 16)]  # only the small calls inside the block, on this thread
     assert other == [2]
     torch.testing.assert_close(out, F.linear(small, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
