@@ -242,7 +242,9 @@ class BatchScheduler:
             weights=rows,
             seeds=row_seeds,
             constraints=constraints,
-            options=list(row_options) if row_options is not None else [RowOptions()] * batch,
+            # Every row carries its own request's limits and stops, resolved here: a batch runs
+            # under its first request's config, whose fields would fill any left unset.
+            options=[RowOptions(c.max_new_tokens, c.min_new_tokens, c.stop) for c in row_cfgs],
             config=config,
             sink=_Sink(loop),
             remaining=batch,

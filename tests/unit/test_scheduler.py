@@ -4,8 +4,11 @@ equal to its solo decode with the same seed; bounded queue; cancellation; async 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import pytest
 
 from mavis_lc import ChatMavis, EngineBusyError, MavisLLM
 from mavis_lc.base_model import BaseModel, load_base_model
-from mavis_lc.decoding import DecodeConfig, MavisDecoder, RowOptions, StreamStep
+from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder, RowOptions, StreamStep
 from mavis_lc.decoding.grammar import Grammar
 from mavis_lc.decoding.scheduler import BatchScheduler
 from mavis_lc.errors import DecodingParameterError, UnknownObjectiveError
@@ -251,3 +254,146 @@ async def test_langchain_async_calls_merge_and_stream(
         assert engine.scheduler.stats.batches == batches + 1  # all four in one decode
     finally:
         get_settings.cache_clear()
+
+
+# -- randomised mixes: every completed request equals its solo decode ---------------------------
+
+_OBJECTS = [  # what several LangChain objects on one engine would send: one config each
+    DecodeConfig(max_new_tokens=4, top_k=20, beta=3.0, seed=None),
+    DecodeConfig(max_new_tokens=16, min_new_tokens=12, top_k=20, beta=3.0, seed=None),
+    DecodeConfig(max_new_tokens=10, top_k=20, beta=3.0, seed=None, stop=("e",)),
+    DecodeConfig(max_new_tokens=9, top_k=8, beta=1.0, seed=None),
+]
+_GRAMMARS = [None, None, None, Grammar.regex("(yes|no|maybe)"), Grammar.json_schema({"type": "object"})]
+
+
+@dataclass
+class _Mixed:
+    """One request of a randomised mix and how its caller reads it."""
+
+    prompts: list[str]
+    weights: list[dict[str, float]]
+    config: DecodeConfig
+    seeds: list[int]
+    grammars: list[Grammar | None] | None
+    row_options: list[RowOptions] | None
+    how: str
+    """``sync``, ``async``, ``stream-cancel`` or ``astream-cancel``."""
+    cancel_after: int = 0
+
+
+def _random_request(rng: random.Random, n: int) -> _Mixed:
+    rows = rng.choice([1, 1, 1, 2])
+    picks = [rng.randrange(len(PROMPTS)) for _ in range(rows)]
+    grammars = [rng.choice(_GRAMMARS) for _ in range(rows)]
+    row_options = None
+    if rng.random() < 0.3:
+        limit = rng.choice([None, 2, 7])
+        row_options = [
+            RowOptions(
+                max_new_tokens=limit, min_new_tokens=None if limit is None else 0, stop=rng.choice([None, (" ",)])
+            )
+        ] * rows
+    return _Mixed(
+        prompts=[PROMPTS[p] for p in picks],
+        weights=[WEIGHTS[p] for p in picks],
+        config=rng.choice(_OBJECTS),
+        seeds=[1000 * n + r for r in range(rows)],
+        grammars=grammars if any(grammars) else None,
+        row_options=row_options,
+        how=rng.choice(["sync", "sync", "async", "async", "stream-cancel", "astream-cancel"]),
+        cancel_after=rng.randrange(1, 4),
+    )
+
+
+def _solo(decoder: MavisDecoder, r: _Mixed) -> list[Generation]:
+    return decoder.generate(
+        r.prompts, r.weights, r.config, seeds=r.seeds, grammars=r.grammars, row_options=r.row_options
+    )
+
+
+@pytest.mark.parametrize("round_seed", [11, 12, 13])
+def test_randomised_mixes_of_requests_each_equal_their_solo_decode(decoder: MavisDecoder, round_seed: int) -> None:
+    """14 requests a round from four configs (lengths, min lengths, stops, step parameters),
+    grammars, per-row options, weights and seeds, sync and async callers, some streams cancelled
+    part-way; held at a gate until all are queued, so they merge."""
+    rng = random.Random(round_seed)
+    requests = [_random_request(rng, n) for n in range(14)]
+    scheduler = BatchScheduler(decoder, max_batch_size=8)
+    done: dict[int, list[Generation]] = {}
+    errors: list[BaseException] = []
+
+    def run_sync(i: int, r: _Mixed) -> None:
+        try:
+            stream = scheduler.stream(r.prompts, r.weights, r.config, r.seeds, r.grammars, r.row_options)
+            if r.how == "sync":
+                done[i] = _collect_steps(stream)
+            else:
+                for _ in zip(range(r.cancel_after), stream, strict=False):
+                    pass
+                stream.close()  # type: ignore[attr-defined]
+        except BaseException as exc:
+            errors.append(exc)
+
+    async def run_async(items: list[tuple[int, _Mixed]]) -> None:
+        async def one(i: int, r: _Mixed) -> None:
+            stream = scheduler.astream(r.prompts, r.weights, r.config, r.seeds, r.grammars, r.row_options)
+            if r.how == "async":
+                done[i] = _collect_steps(iter([s async for s in stream]))
+                return
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                if seen >= r.cancel_after:
+                    break
+            await stream.aclose()  # type: ignore[attr-defined]
+
+        for outcome in await asyncio.gather(*(one(i, r) for i, r in items), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                errors.append(outcome)
+
+    with Gate(decoder) as gate:
+        threads = [
+            threading.Thread(target=run_sync, args=(i, r))
+            for i, r in enumerate(requests)
+            if r.how in ("sync", "stream-cancel")
+        ]
+        asynchronous = [(i, r) for i, r in enumerate(requests) if r.how in ("async", "astream-cancel")]
+        threads.append(threading.Thread(target=lambda: asyncio.run(run_async(asynchronous))))
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while scheduler.stats.requests < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.stats.requests == len(requests)
+        gate.open.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors
+    assert scheduler.stats.merged_batches >= 1
+    completed = [i for i, r in enumerate(requests) if r.how in ("sync", "async")]
+    assert sorted(done) == completed
+    for i in completed:
+        solo_generations = _solo(decoder, requests[i])
+        got = done[i]
+        assert [g.token_ids for g in got] == [g.token_ids for g in solo_generations], i
+        assert [g.text for g in got] == [g.text for g in solo_generations], i
+        assert [g.finish_reason for g in got] == [g.finish_reason for g in solo_generations], i
+        for g, r in zip(got, _resolved(requests[i]), strict=True):
+            assert g.completion_tokens <= r.max_new_tokens
+            if g.finish_reason == "stop" and g.stop_sequence is None and not g.constrained:  # EOS
+                assert g.completion_tokens >= r.min_new_tokens
+
+
+def _resolved(r: _Mixed) -> list[DecodeConfig]:
+    options = r.row_options or [RowOptions()] * len(r.prompts)
+    return [o.resolve(r.config) for o in options]
+
+
+def _collect_steps(steps: Iterator[StreamStep]) -> list[Generation]:
+    results: dict[int, Generation] = {}
+    for step in steps:
+        for b, finished in enumerate(step.finished):
+            if finished is not None:
+                results[b] = finished
+    return [results[b] for b in sorted(results)]
