@@ -56,10 +56,14 @@ from mavis_lc.langchain.tools import (
     format_tools,
     parse_tool_calls,
     render_messages,
+    response_format_schema,
     template_takes_tools,
     tool_grammar,
 )
 from mavis_lc.settings import PACKAGED_BASE_MODEL
+
+_TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "strict", "ls_structured_output_format")
+"""Call parameters of tool calling and structured output, as LangChain binds them (`ChatMavis._tool_setup`)."""
 
 
 class ChatMavis(_MavisParams, BaseChatModel):
@@ -124,15 +128,20 @@ class ChatMavis(_MavisParams, BaseChatModel):
     def _tool_setup(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], str, list[Mapping[str, Any]]]:
         """Split a call's kwargs into decoding kwargs (a tool grammar folded in), the tool mode and
         the tools the answer may call (`mavis_lc.langchain.tools.chosen_tools`)."""
-        tool_keys = ("tools", "tool_choice", "parallel_tool_calls", "ls_structured_output_format")
-        rest = {k: v for k, v in kwargs.items() if k not in tool_keys}
+        rest = {k: v for k, v in kwargs.items() if k not in _TOOL_KEYS}
+        strict = kwargs.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise ConfigurationError(f"strict must be a bool or None, got {strict!r}")
         tools = format_tools(kwargs.get("tools") or [])
         mode, usable = chosen_tools(tools, kwargs.get("tool_choice")) if tools else ("none", [])
-        grammar = tool_grammar(mode, usable, parallel=bool(kwargs.get("parallel_tool_calls")))
+        answer_schema = response_format_schema(kwargs.get("response_format"))
+        grammar = tool_grammar(
+            mode, usable, parallel=bool(kwargs.get("parallel_tool_calls")), answer_schema=answer_schema
+        )
         if grammar is not None:
             if rest.get("grammar") is not None:
                 raise ConfigurationError(
-                    "a call cannot take both tools and a grammar: the tools' grammar is the call's"
+                    "a call cannot take both a grammar and tools or a response_format: theirs is the call's grammar"
                 )
             rest["grammar"] = grammar
         return rest, mode, usable
@@ -244,6 +253,8 @@ class ChatMavis(_MavisParams, BaseChatModel):
         *,
         tool_choice: dict[str, Any] | str | bool | None = None,
         parallel_tool_calls: bool = False,
+        response_format: dict[str, Any] | type | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools the model may call (LangChain tools, pydantic models, TypedDicts, functions
@@ -256,11 +267,23 @@ class ChatMavis(_MavisParams, BaseChatModel):
         arguments that follow its schema. The answer's calls are in ``AIMessage.tool_calls``;
         one call per answer unless ``parallel_tool_calls``.
 
+        ``response_format`` (OpenAI's form, as LangChain agents bind it for a structured
+        response: ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``,
+        ``{"type": "json_object"}``, or a pydantic model): an answer that calls no tool is one
+        JSON value of that schema, grammar-enforced (`response_format_schema`). ``strict`` is
+        accepted for compatibility: calls and answers are always schema-exact here.
+
         Raises:
-            ConfigurationError: a tool that cannot be converted, or a ``tool_choice`` not allowed.
+            ConfigurationError: a tool that cannot be converted, a ``tool_choice`` not allowed, or
+                a ``response_format`` of none of the allowed forms.
         """
         formatted = format_tools(tools)
         chosen_tools(formatted, tool_choice)  # refuse a bad choice now, not at the first call
+        response_format_schema(response_format)
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        if strict is not None:
+            kwargs["strict"] = strict
         return self.bind(tools=formatted, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **kwargs)
 
     def with_structured_output(

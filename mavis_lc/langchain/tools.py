@@ -29,7 +29,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, ToolMessage
 from langchain_core.messages.tool import InvalidToolCall, ToolCall, invalid_tool_call, tool_call
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 
 from mavis_lc.decoding.grammar import Grammar
 from mavis_lc.errors import ConfigurationError
@@ -80,15 +80,79 @@ def chosen_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> tuple[
     )
 
 
-def tool_grammar(mode: str, tools: Sequence[Mapping[str, Any]], *, parallel: bool = False) -> Grammar | None:
+RESPONSE_FORMAT_TYPES = ("json_schema", "json_object", "text")
+_JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def response_format_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema an answer must follow under an OpenAI-style ``response_format``; None for
+    ``{"type": "text"}`` or None (free text).
+
+    Takes ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}`` (what
+    LangChain agents bind for a provider strategy), ``{"type": "json_object"}`` (any JSON object),
+    ``{"type": "text"}``, or a pydantic model / TypedDict / JSON schema dict given directly.
+    The schema's top-level object allows no keys it does not name (`closed_schema`).
+
+    Raises:
+        ConfigurationError: a value of none of those forms, naming what is allowed.
+    """
+    if response_format is None:
+        return None
+    allowed = (
+        f"allowed: {{'type': t}} with t one of {', '.join(RESPONSE_FORMAT_TYPES)} (json_schema with "
+        "{'json_schema': {'name': ..., 'schema': {...}}}), or a pydantic model, TypedDict or JSON schema"
+    )
+    if (
+        isinstance(response_format, Mapping)
+        and "type" in response_format
+        and response_format["type"]
+        in (
+            *RESPONSE_FORMAT_TYPES,
+            "json",
+        )
+    ):
+        kind = response_format["type"]
+        if kind == "text":
+            return None
+        if kind in ("json_object", "json"):
+            return {"type": "object"}
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise ConfigurationError(
+                f"response_format of type json_schema needs json_schema.schema (a JSON schema dict); "
+                f"got {response_format!r}"
+            )
+        return closed_schema(schema)
+    if isinstance(response_format, Mapping):
+        if response_format.get("type") not in _JSON_TYPES:
+            raise ConfigurationError(f"response_format {response_format!r} is not allowed; {allowed}")
+        return closed_schema(response_format)  # a JSON schema given directly
+    if not isinstance(response_format, type):
+        raise ConfigurationError(f"response_format {response_format!r} is not allowed; {allowed}")
+    try:
+        return closed_schema(convert_to_json_schema(response_format))
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"response_format {response_format!r} is not allowed ({exc}); {allowed}") from exc
+
+
+def tool_grammar(
+    mode: str,
+    tools: Sequence[Mapping[str, Any]],
+    *,
+    parallel: bool = False,
+    answer_schema: Mapping[str, Any] | None = None,
+) -> Grammar | None:
     """The grammar of an answer under ``mode`` (`chosen_tools`) with ``tools``; None: unconstrained.
 
     One call per answer unless ``parallel``. Arguments follow each tool's parameter schema; an
     object schema that does not say whether other keys are allowed allows none (as OpenAI's
-    strict mode), so a call carries the tool's parameters and nothing else.
+    strict mode), so a call carries the tool's parameters and nothing else. With
+    ``answer_schema`` (a ``response_format``), an answer that calls no tool is one JSON value
+    of that schema instead of free text; ``required`` calls stay calls.
     """
     if mode == "none" or not tools:
-        return None
+        return Grammar.json_schema(answer_schema) if answer_schema is not None else None
     calls = {
         "anyOf": [
             {
@@ -111,6 +175,9 @@ def tool_grammar(mode: str, tools: Sequence[Mapping[str, Any]], *, parallel: boo
     ]
     if mode == "required":
         return Grammar.lark("\n".join(["start: calls", *rules]))
+    if answer_schema is not None:
+        answer = {**answer_schema, "x-guidance": {"whitespace_flexible": False, **answer_schema.get("x-guidance", {})}}
+        return Grammar.lark("\n".join(["start: answer | calls", f"answer: %json {json.dumps(answer)}", *rules]))
     return Grammar.lark("\n".join(["start: TEXT | calls", "TEXT: /[^<\\s][\\s\\S]*/", *rules]))
 
 

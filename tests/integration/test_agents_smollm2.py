@@ -87,3 +87,41 @@ def test_structured_output_is_valid_on_twenty_varied_prompts(method: str) -> Non
     ]
     assert not errors
     assert all(isinstance(r["parsed"], Person) and 0 <= r["parsed"].age <= 120 for r in results)
+
+
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_create_agent_with_a_response_format_ends_in_a_valid_structured_response(with_tools: bool) -> None:
+    """LangChain's documented way to get a typed answer out of an agent: the provider strategy
+    binds OpenAI's ``response_format``; with a tool, the model may call it first."""
+    called: list[str] = []
+
+    @tool
+    def lookup_profession(name: str) -> str:
+        """The profession of a person, by name."""
+        called.append(name)
+        return "baker"
+
+    @wrap_model_call
+    def call_then_answer(request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> ModelResponse:
+        # Left to decide, SmolLM2-135M calls the tool again and again: one call, then the answer.
+        # Under a response_format the agent binds model_settings (not request.tool_choice).
+        choice = "none" if any(isinstance(m, ToolMessage) for m in request.messages) else "any"
+        return handler(request.override(model_settings={"tool_choice": choice}))
+
+    agent = create_agent(
+        ChatMavis(max_tokens=96, temperature=0.7),
+        tools=[lookup_profession] if with_tools else [],
+        response_format=Person,
+        middleware=[call_then_answer] if with_tools else [],
+    )
+    for seed in range(3):
+        state = agent.invoke(
+            {"messages": [{"role": "user", "content": QUESTIONS[seed]}]},
+            config={"configurable": {"mavis": {"seed": seed}}, "recursion_limit": 8},
+        )
+        person = state["structured_response"]
+        assert isinstance(person, Person) and 0 <= person.age <= 120
+        assert Person.model_validate_json(state["messages"][-1].content) == person
+        if with_tools:
+            assert isinstance(state["messages"][2], ToolMessage) and state["messages"][2].content == "baker"
+    assert len(called) == (3 if with_tools else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from mavis_lc import ChatMavis
+from mavis_lc.decoding.grammar import GrammarCompiler, GrammarError
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.langchain.tools import (
     CALL_CLOSE,
@@ -23,6 +25,7 @@ from mavis_lc.langchain.tools import (
     format_tools,
     parse_tool_calls,
     render_messages,
+    response_format_schema,
     tool_grammar,
 )
 from tests.tiny import save_random_heads
@@ -260,3 +263,120 @@ def test_a_template_that_takes_tools_renders_them_itself(chat: ChatMavis) -> Non
     assert prompt.startswith("TOOLS:get_weather;")
     assert "assistant:  CALLS:get_weather" in prompt and "tool: rain" in prompt
     assert "<tool_call>" not in prompt and "You can call functions" not in prompt
+
+
+# -- OpenAI-style response_format (what create_agent's provider strategy binds) ------------------
+
+
+def _openai_format(schema: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema(), "strict": True},
+    }
+
+
+@pytest.mark.parametrize("form", ["openai", "pydantic"])
+def test_response_format_gives_a_schema_answer_as_a_binding_and_a_call_parameter(chat: ChatMavis, form: str) -> None:
+    response_format: Any = _openai_format(Person) if form == "openai" else Person
+    bound = chat.bind(response_format=response_format)
+    for seed in range(3):
+        answer = bound.invoke("Invent a person.", seed=seed)
+        person = Person.model_validate_json(answer.content)
+        assert len(person.name) <= 5 and answer.response_metadata["constrained"] is True
+    called = chat.invoke("Invent a person.", seed=0, response_format=response_format)
+    assert called.content == bound.invoke("Invent a person.", seed=0).content
+    objects = chat.invoke("Any JSON.", seed=1, response_format={"type": "json_object"})
+    assert isinstance(json.loads(objects.content), dict)
+    text = chat.invoke("hello", seed=4, response_format={"type": "text"}, strict=True)
+    assert text.content == chat.invoke("hello", seed=4).content and text.response_metadata["constrained"] is False
+
+
+def test_response_format_with_tools_answers_with_a_call_or_the_schema(chat: ChatMavis) -> None:
+    bound = chat.bind_tools([get_weather], response_format=_openai_format(Person), strict=True)
+    for seed in range(4):
+        message = bound.invoke("Invent a person, or check the weather.", seed=seed)
+        if message.tool_calls:
+            assert message.tool_calls[0]["name"] == "get_weather" and not message.invalid_tool_calls
+        else:
+            Person.model_validate_json(message.content)
+    forced = chat.bind_tools([get_weather], tool_choice="any", response_format=Person)
+    assert forced.invoke("Weather?", seed=0).tool_calls  # required calls stay calls
+    # The grammar takes a call or the schema's answer, and nothing else.
+    grammar = tool_grammar("auto", format_tools([get_weather]), answer_schema=response_format_schema(Person))
+    assert grammar is not None
+    base = chat.engine().base
+    compiler = GrammarCompiler(base.tokenizer, base.vocab_size, base.eos_token_ids)
+    call = f'{CALL_OPEN}\n{{"name":"get_weather","arguments":{{"city":"Rome","days":2}}}}\n{CALL_CLOSE}'
+    for text, accepted in [
+        ('{"name":"Ann","age":30}', True),
+        (call, True),
+        ('{"name":"Ann","age":30,"job":"x"}', False),
+        ("Ann is 30.", False),
+    ]:
+        constraint = compiler.constraint(grammar)
+        try:
+            for token in base.tokenizer(text, add_special_tokens=False)["input_ids"]:
+                constraint.consume(token)
+        except GrammarError:
+            assert not accepted, text
+            continue
+        assert constraint.accepting == accepted, text
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"type": "xml"}, r"response_format \{'type': 'xml'\} is not allowed; allowed: .*json_schema, json_object"),
+        ({"type": "json_schema"}, "needs json_schema.schema"),
+        ("json", "response_format 'json' is not allowed"),
+    ],
+)
+def test_a_bad_response_format_is_refused_naming_the_forms_allowed(chat: ChatMavis, bad: Any, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        chat.bind_tools([get_weather], response_format=bad)
+    with pytest.raises(ConfigurationError, match=match):
+        chat.invoke("hello", response_format=bad)
+    with pytest.raises(ConfigurationError, match="strict must be a bool"):
+        chat.invoke("hello", strict="yes")
+
+
+def test_a_grammar_and_a_response_format_in_one_call_are_refused(chat: ChatMavis) -> None:
+    with pytest.raises(ConfigurationError, match="both a grammar and tools or a response_format"):
+        chat.invoke("hello", response_format=Person, grammar={"type": "regex", "value": "a+"})
+
+
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_create_agent_with_a_response_format_ends_in_a_structured_response(chat: ChatMavis, with_tools: bool) -> None:
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelRequest, ModelResponse, wrap_model_call
+    from langchain.agents.structured_output import ProviderStrategy
+
+    class City(BaseModel):
+        city: str = Field(max_length=8)
+
+    @tool(args_schema=City)
+    def weather(city: str) -> str:
+        """Weather of a city."""
+        return "sunny"
+
+    @wrap_model_call
+    def answer_after_a_result(request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> ModelResponse:
+        # The random tiny model would call tools until its context is full: after one result,
+        # answer (the provider strategy passes model_settings to bind_tools).
+        answered = any(isinstance(m, ToolMessage) for m in request.messages)
+        return handler(request.override(model_settings={"tool_choice": "none"}) if answered else request)
+
+    agent = create_agent(
+        chat, tools=[weather] if with_tools else [], response_format=Person, middleware=[answer_after_a_result]
+    )
+    for seed in range(2):
+        state = agent.invoke(
+            {"messages": [{"role": "user", "content": "Invent a person."}]},
+            {"recursion_limit": 12, "configurable": {"mavis": {"seed": seed}}},
+        )
+        assert isinstance(state["structured_response"], Person)
+        assert Person.model_validate_json(state["messages"][-1].content) == state["structured_response"]
+    # The agent chose the provider strategy (a response_format binding), not a tool of the schema.
+    explicit = create_agent(chat, tools=[], response_format=ProviderStrategy(Person))
+    state = explicit.invoke({"messages": [{"role": "user", "content": "Invent a person."}]})
+    assert isinstance(state["structured_response"], Person) and not state["messages"][-1].tool_calls
