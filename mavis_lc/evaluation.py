@@ -19,7 +19,8 @@ is not a response). Every row reports, over the prompts x seeds, the mean reward
 and its gain in standard deviations of the base rewards, the KL from the base model against its
 full distribution (``kl``) and against its top-k renormalised (``kl_topk``, what the steering
 itself costs: 0 for plain sampling; best-of-N adds ``log N - (N-1)/N``, the bound on what its
-choice adds, to both), the empty-response rate and mean response length, and its cost: base
+choice adds, to both), the empty-response rate, the degeneracy rate (`mavis_lc.degeneracy`; a
+row more than 5 points above the base row's is flagged) and mean response length, and its cost: base
 forward passes per generated token (1 for MAVIS, whose shared-backbone heads read the base's
 hidden states; N for best-of-N), true-reward calls per generated token (0 for MAVIS; k per
 objective for every unfinished row at every step of reward-guided search) and wall seconds per
@@ -53,6 +54,7 @@ from mavis_lc import bootstrap
 from mavis_lc.base_model import BaseModel
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder
 from mavis_lc.decoding.engine import MavisEngine
+from mavis_lc.degeneracy import is_degenerate
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.extras import MissingExtraError
 from mavis_lc.objectives import Objective, get_objective
@@ -119,6 +121,9 @@ class EvalSettings:
         )
 
 
+DEGENERATE_FLAG = 0.05
+"""A steered row whose degeneracy rate exceeds the base row's by more than this is flagged."""
+
 Interval = tuple[float, float]
 """A 95% interval (low, high)."""
 
@@ -146,6 +151,9 @@ class MethodRow:
     kl_topk_ci: Interval
     empty_rate: float
     """Fraction of responses that are empty (or only whitespace)."""
+    degenerate_rate: float
+    """Fraction of responses that are degenerate text (`mavis_lc.degeneracy`: character or digit
+    runs, a word repeated, loops): a gain made of them is reward hacking, not steering."""
     eos_rate: float
     """Fraction of responses that ended with EOS (the rest reached ``max_tokens``)."""
     mean_tokens: float
@@ -211,6 +219,10 @@ class EvalReport:
             if row.method == method and row.weights.get(objective) == 1.0:
                 return row
         raise KeyError(f"no {method} row with {objective} at weight 1")
+
+    def degenerate_flag(self, row: MethodRow) -> bool:
+        """Whether ``row`` writes degenerate text more than `DEGENERATE_FLAG` above the base row."""
+        return row.degenerate_rate > self.rows[0].degenerate_rate + DEGENERATE_FLAG
 
     def single_objective_gain(self, method: str, objective: str) -> float:
         """The gain (base SD) on ``objective`` of ``method`` at weight 1 on it alone."""
@@ -451,6 +463,7 @@ def _report(
                 kl=float(point[i, kl]), kl_ci=ci(replicates[i, kl]),
                 kl_topk=float(point[i, kl_topk]), kl_topk_ci=ci(replicates[i, kl_topk]),
                 empty_rate=statistics.fmean(r.values["empty"]), eos_rate=statistics.fmean(r.values["eos"]),
+                degenerate_rate=statistics.fmean(r.values["degenerate"]),
                 mean_tokens=float(point[i, tokens]), mean_tokens_ci=ci(replicates[i, tokens]),
                 forwards_per_token=r.forwards, reward_calls_per_token=r.reward_calls,
                 seconds_per_token=r.seconds / max(r.tokens, 1), tokens=r.tokens, n=n_rows,
@@ -612,14 +625,15 @@ def write_report(report: EvalReport, folder: str | Path, *, title: str = "MAVIS 
             for o in objectives
             for suffix in ("", "_low", "_high", "_gain_sd", "_gain_low", "_gain_high")
         ]
-        costs = ["kl", "kl_low", "kl_high", "kl_topk", "kl_topk_low", "kl_topk_high", "empty_rate", "mean_tokens",
+        costs = ["kl", "kl_low", "kl_high", "kl_topk", "kl_topk_low", "kl_topk_high", "empty_rate", "degenerate_rate",
+                 "mean_tokens",
                  "forwards_per_token", "reward_calls_per_token", "seconds_per_token", "tokens", "n"]  # fmt: skip
         writer.writerow(["method", "oracle", *(f"w_{o}" for o in objectives), *stats, *costs])
         for r in report.rows:
             writer.writerow(
                 [r.method, r.oracle, *(r.weights[o] for o in objectives)]
                 + [v for o in objectives for v in (r.reward[o], *r.reward_ci[o], r.gain_sd[o], *r.gain_ci[o])]
-                + [r.kl, *r.kl_ci, r.kl_topk, *r.kl_topk_ci, r.empty_rate, r.mean_tokens]
+                + [r.kl, *r.kl_ci, r.kl_topk, *r.kl_topk_ci, r.empty_rate, r.degenerate_rate, r.mean_tokens]
                 + [r.forwards_per_token, r.reward_calls_per_token, r.seconds_per_token, r.tokens, r.n]
             )
     paths["json"].write_text(json.dumps(asdict(report), indent=2))
@@ -667,10 +681,11 @@ def summary_markdown(report: EvalReport) -> str:
         lines[0] += f" {report.excluded_prompts} evaluation prompts that heads were trained on were skipped."
     lines += [
         "",
-        "| method | weights | " + " | ".join(objectives) + " | kl | kl_topk | empty | EOS | tokens | base fwd / token"
-        " | reward calls / token | ms / token |",
-        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|---|---|---|---|",
+        "| method | weights | " + " | ".join(objectives) + " | kl | kl_topk | empty | degenerate | EOS | tokens"
+        " | base fwd / token | reward calls / token | ms / token |",
+        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|---|---|---|---|---|",
     ]
+    flagged = [r for r in report.rows if report.degenerate_flag(r)]
     for r in report.rows:
         cells = [
             f"{r.reward[o]:+.3f} {_ci(r.reward_ci[o], 3)} ({r.gain_sd[o]:+.2f} SD {_ci(r.gain_ci[o])})"
@@ -680,7 +695,8 @@ def summary_markdown(report: EvalReport) -> str:
             f"| {r.label} | {weights_label(r.weights)} | "
             + " | ".join(cells)
             + f" | {r.kl:.2f} {_ci(r.kl_ci, sign='')} | {round(r.kl_topk, 2) + 0.0:.2f} {_ci(r.kl_topk_ci, sign='')}"
-            + f" | {100 * r.empty_rate:.1f}% | {100 * r.eos_rate:.0f}%"
+            + f" | {100 * r.empty_rate:.1f}% | {100 * r.degenerate_rate:.1f}%{' (!)' if r in flagged else ''}"
+            + f" | {100 * r.eos_rate:.0f}%"
             + f" | {r.mean_tokens:.1f} {_ci(r.mean_tokens_ci, 1, '')}"
             + f" | {r.forwards_per_token:g}"
             + f" | {r.reward_calls_per_token:.2f} | {1000 * r.seconds_per_token:.1f} |"
@@ -778,6 +794,7 @@ class _Run:
             "kl_topk": [g.kl_topk + kl_bound for g in generations],
             "tokens": [float(g.completion_tokens) for g in generations],
             "empty": [float(not g.text.strip()) for g in generations],
+            "degenerate": [float(is_degenerate(g.text)) for g in generations],
             "eos": [float(g.finish_reason == "stop" and g.stop_sequence is None) for g in generations],
         }
         tokens = sum(g.completion_tokens for g in generations)

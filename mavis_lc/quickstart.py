@@ -12,6 +12,7 @@ plot. A rerun reuses registered heads whose training settings match, unless aske
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mavis_lc.bootstrap import mean_ci
-from mavis_lc.evaluation import weights_label
+from mavis_lc.degeneracy import is_degenerate
+from mavis_lc.evaluation import DEGENERATE_FLAG, weights_label
 from mavis_lc.extras import MissingExtraError
 from mavis_lc.langchain import ChatMavis
 from mavis_lc.objectives import get_objective
@@ -120,7 +122,10 @@ def _train_or_reuse(
     key = config.fingerprint()
     if not retrain and _has_alias(registry, objective, plan.alias):
         current = registry.resolve(f"{objective}@{plan.alias}")
-        if current.training_params.get("config_fingerprint") == key:
+        if (
+            current.training_params.get("config_fingerprint") == key
+            and current.training_params.get("objective_version", 1) == get_objective(objective).version
+        ):
             out.print(
                 f"{objective}: reusing version {current.version} ({objective}@{plan.alias}); --retrain to train again"
             )
@@ -135,7 +140,7 @@ def _train_or_reuse(
             tokenizer_fingerprint=result.tokenizer_fingerprint,
             architecture={"architecture": result.architecture},
             iteration=it.iteration,
-            training_params={**config.to_dict(), "config_fingerprint": key},
+            training_params={**result.params, "config_fingerprint": key},
             metrics=it.metrics,
             normalization={"mean": it.reward_mean, "std": it.reward_std},
             parents=[parent.id] if parent is not None else [],
@@ -221,8 +226,11 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
     summary = Table(
         title=f"Mean over {len(prompts)} held-out prompts x {plan.eval_seeds} seeds [95% bootstrap CI over prompts]"
     )
-    for column in ("weights", *(f"{o} reward" for o in OBJECTIVES), "KL (nats)", "KL top-k"):
+    for column in ("weights", *(f"{o} reward" for o in OBJECTIVES), "KL (nats)", "KL top-k", "empty", "degenerate"):
         summary.add_column(column)
+    zero = next(i for i, w in enumerate(SETTINGS) if not any(w.values()))
+    degenerate = [is_degenerate(r) for r in responses]
+    base_degenerate = statistics.fmean(degenerate[i] for i in range(zero * per_setting_n, (zero + 1) * per_setting_n))
     prompt_of = [p for p in range(len(prompts)) for _ in seeds]  # the prompt of each row of one setting
     per_setting: list[dict[str, Any]] = []
     values: dict[str, list[list[float]]] = {o: [] for o in OBJECTIVES}
@@ -233,22 +241,38 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
         stats = {o: mean_ci(values[o][-1], prompt_of) for o in OBJECTIVES}
         kl = mean_ci([kls[i] for i in idx], prompt_of)
         kl_topk = mean_ci([kls_topk[i] for i in idx], prompt_of)
-        per_setting.append({"weights": settings, **stats, "kl": kl, "kl_topk": kl_topk})
+        empty_rate = statistics.fmean(not responses[i].strip() for i in idx)
+        degenerate_rate = statistics.fmean(degenerate[i] for i in idx)
+        flagged = degenerate_rate > base_degenerate + DEGENERATE_FLAG
+        per_setting.append(
+            {
+                "weights": settings,
+                **stats,
+                "kl": kl,
+                "kl_topk": kl_topk,
+                "empty_rate": empty_rate,
+                "degenerate_rate": degenerate_rate,
+                "degenerate_flagged": flagged,
+            }
+        )
         summary.add_row(
             weights_label(settings),
             *(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in stats.values()),
             "{:.2f} [{:.2f}, {:.2f}]".format(*kl),
             "{:.2f} [{:.2f}, {:.2f}]".format(*(round(v, 2) + 0.0 for v in kl_topk)),  # + 0.0: no "-0.00"
+            f"{100 * empty_rate:.1f}%",
+            f"{100 * degenerate_rate:.1f}%" + (" [red](!)[/red]" if flagged else ""),
         )
     out.print(summary)
     out.print(
         "KL is measured against the base model's full distribution, so the all-zero row (plain top-k "
         "sampling) shows the cost of the top-k cut alone; KL top-k, against the base renormalised over "
-        "its top-k, is what the steering itself costs."
+        "its top-k, is what the steering itself costs. Degenerate: responses with a run of 8+ repeated "
+        "characters, digits or symbols, a word 4+ times in a row, or a loop of repeated phrases (mavis_lc."
+        "degeneracy); (!) marks a row more than 5 points above the all-zero row."
     )
 
     checks = {}
-    zero = next(i for i, w in enumerate(SETTINGS) if not any(w.values()))
     for o in OBJECTIVES:
         one = next(i for i, w in enumerate(SETTINGS) if w[o] == 1.0)
         gain, low, high = mean_ci([a - b for a, b in zip(values[o][one], values[o][zero], strict=True)], prompt_of)

@@ -19,6 +19,7 @@ from mavis_lc.cli.common import (
     plain,
     print_json_lines,
 )
+from mavis_lc.objectives.builtin import stale_definition
 from mavis_lc.registry import Registry, VersionInfo
 from mavis_lc.weights import parse_weights
 
@@ -137,6 +138,7 @@ def show(
             ("size (bytes)", str(info.size_bytes)),
             ("architecture", _json(info.architecture)),
             ("training beta", _training_beta(info.training_params)),
+            ("reward definition", _definition(info.objective, info.training_params)),
             ("within-state fit", _within_state(info.metrics)),
             ("training params", _json(info.training_params)),
             ("metrics", _json(info.metrics)),
@@ -149,6 +151,12 @@ def show(
         for name, value in rows:
             table.add_row(name, value)
         console.print(table)
+
+
+def _definition(objective: str, params: dict[str, Any]) -> str:
+    """The version of the reward definition the head was trained on, and whether it is stale."""
+    stale = stale_definition(objective, params)
+    return f"v{params.get('objective_version', 1)}" + (f" ({stale})" if stale else "")
 
 
 def _training_beta(params: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ its `BatchScheduler`: requests that arrive while a batch runs are merged into th
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -22,9 +23,12 @@ from mavis_lc.decoding.decoder import DecodeConfig, Generation, MavisDecoder, St
 from mavis_lc.decoding.grammar import Grammar
 from mavis_lc.decoding.scheduler import BatchScheduler
 from mavis_lc.errors import ModelLoadError
+from mavis_lc.objectives.builtin import stale_definition
 from mavis_lc.settings import get_settings
 from mavis_lc.value_models import load_value_model
 from mavis_lc.weights import Weights
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ def resolve_heads(
                 tokenizer_fingerprint=base.fingerprint if base is not None else None,
                 weights_fingerprint=base.weights_fingerprint if base is not None and not allow_other_base else None,
             )
+            stale = stale_definition(info.objective, info.training_params)
+            if stale is not None:
+                _LOG.warning("%s: %s", info.spec, stale)
             local = registry.fetch_artifact(info)
             sources.append(HeadSource(spec, info.objective, info.sha256, Path(local), info.version))
     finally:

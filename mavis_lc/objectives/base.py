@@ -38,6 +38,9 @@ class Objective:
         reward_range: ``(low, high)`` bounds every score lies in, or None when unbounded.
             `score` rejects scores outside it.
         reward_fn: the raw reward function; call `score` instead, which checks its output.
+        version: the definition's version: a reward whose definition changes gets a new one,
+            recorded with every head trained on it (``objective_version`` in the version's
+            training parameters), so heads trained on an older definition are told apart.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class Objective:
         *,
         description: str = "",
         reward_range: tuple[float, float] | None = None,
+        version: int = 1,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(f"objective name must be a non-empty string, got {name!r}")
@@ -64,6 +68,9 @@ class Objective:
         self.reward_fn = reward_fn
         self.description = description
         self.reward_range = reward_range
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigurationError(f"version of objective {name!r} must be an integer >= 1, got {version!r}")
+        self.version = version
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """Score each ``(prompts[i], responses[i])`` pair; see `score_checked` for the contract."""

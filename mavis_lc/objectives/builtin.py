@@ -8,9 +8,10 @@ on the first score and are kept for the life of the process.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.extras import require
@@ -91,9 +92,42 @@ def non_profanity() -> Objective:
     )
 
 
+CONCISENESS_VERSION = 2
+"""Version of the conciseness definition: 1 counted whitespace-separated runs (a run of digits
+was one word, which value heads learned to exploit); 2 counts `count_words`."""
+
+_WORD_PARTS = re.compile(
+    r"(?P<word>[^\W\d_]+(?:['’-][^\W\d_]+)*)"  # letters, with inner apostrophes and hyphens
+    r"|(?P<number>\d+(?:[.,:]\d+)*)"  # digits, with inner separators (3.14, 1,000, 12:30)
+    r"|(?P<symbols>[^\w\s]+|_+)"  # punctuation and other symbols
+)
+LONG_WORD_LETTERS = 12
+"""A run of letters counts one word per this many letters (ordinary words count one)."""
+
+
+def count_words(text: str) -> int:
+    """The length of ``text`` in words, counted so that no run of characters is one cheap word.
+
+    A run of letters (inner apostrophes and hyphens included) counts one word per
+    `LONG_WORD_LETTERS` letters, rounded up (so every ordinary word counts one); a number counts
+    one word per two digits, rounded up (a year counts two, a run of 40 digits twenty);
+    punctuation of up to three characters counts nothing and a longer run of symbols one word
+    per two characters. Ordinary prose counts as many words as it has whitespace-separated runs.
+    """
+    total = 0
+    for match in _WORD_PARTS.finditer(text):
+        if match.lastgroup == "word":
+            total += -(-len(match.group()) // LONG_WORD_LETTERS)
+        elif match.lastgroup == "number":
+            total += -(-sum(c.isdigit() for c in match.group()) // 2)
+        elif len(match.group()) > 3:
+            total += -(-len(match.group()) // 2)
+    return total
+
+
 def _conciseness_fn(reference_words: float) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
     def _conciseness(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return [1.0 / (1.0 + len(response.split()) / reference_words) for response in responses]
+        return [1.0 / (1.0 + count_words(response) / reference_words) for response in responses]
 
     return _conciseness
 
@@ -101,8 +135,9 @@ def _conciseness_fn(reference_words: float) -> Callable[[Sequence[str], Sequence
 def conciseness(reference_words: float = DEFAULT_REFERENCE_WORDS) -> Objective:
     """``1 / (1 + words / reference_words)`` of the response, in (0, 1], strictly decreasing in length.
 
-    Words are whitespace-separated runs, so the score does not depend on any tokenizer. An
-    empty response scores 1; one of ``reference_words`` words scores 0.5.
+    Words are counted by `count_words` (definition version `CONCISENESS_VERSION`), which does not
+    depend on any tokenizer and gives no run of digits, symbols or letters the price of one short
+    word. An empty response scores 1; one of ``reference_words`` words scores 0.5.
 
     Raises:
         ConfigurationError: ``reference_words`` is not a positive number.
@@ -118,6 +153,7 @@ def conciseness(reference_words: float = DEFAULT_REFERENCE_WORDS) -> Objective:
         _conciseness_fn(float(reference_words)),
         description=f"Shortness of the response: 1 / (1 + words / {reference_words:g}).",
         reward_range=(0.0, 1.0),
+        version=CONCISENESS_VERSION,
     )
 
 
@@ -151,6 +187,21 @@ def builtin_objective(name: str, **options: object) -> Objective:
             f"objective {name!r} does not accept options {sorted(options)}; it accepts {accepted or 'none'}"
         ) from exc
     return factory(**options)
+
+
+def stale_definition(objective: str, training_params: Mapping[str, Any]) -> str | None:
+    """Why a head of the built-in ``objective`` trained with ``training_params`` steers by an older
+    definition of its reward than today's (None when it does not, or ``objective`` is no built-in)."""
+    if objective not in _BUILTINS:
+        return None
+    recorded = training_params.get("objective_version", 1)
+    current = _BUILTINS[objective]().version
+    if isinstance(recorded, int) and recorded >= current:
+        return None
+    return (
+        f"trained on definition v{recorded} of the {objective!r} reward; the current definition is v{current} "
+        f"(retrain: mavis train {objective})"
+    )
 
 
 def builtin_objectives() -> dict[str, Objective]:

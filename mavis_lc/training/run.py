@@ -127,7 +127,10 @@ def train_objective(
     raw_prompts = load_prompts(config.prompts, config.max_prompts)
     prompts = format_prompts(base.tokenizer, raw_prompts, config.chat_template)
     prompts_key = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-    run_key = _sha256({"config": config.fingerprint(), "prompts": prompts_key, "base": base.fingerprint})
+    keyed = {"config": config.fingerprint(), "prompts": prompts_key, "base": base.fingerprint}
+    if objective.version > 1:  # targets scored under another definition are not resumed
+        keyed["objective_version"] = str(objective.version)
+    run_key = _sha256(keyed)
     folder = (
         Path(workdir) if workdir is not None else get_settings().home / "training" / f"{objective.name}-{run_key[:16]}"
     )
@@ -214,7 +217,7 @@ def train_objective(
         base_model_id=base.model_id,
         tokenizer_fingerprint=base.fingerprint,
         architecture=config.architecture,
-        params=config.to_dict(),
+        params={**config.to_dict(), "objective_version": objective.version},
         workdir=folder,
         iterations=results,
     )

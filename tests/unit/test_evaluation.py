@@ -19,6 +19,7 @@ from mavis_lc.base_model import load_base_model
 from mavis_lc.cli import app
 from mavis_lc.decoding import DecodeConfig
 from mavis_lc.decoding.engine import get_engine
+from mavis_lc.degeneracy import is_degenerate
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.evaluation import (
     EvalSettings,
@@ -27,6 +28,7 @@ from mavis_lc.evaluation import (
     calibrate_beta,
     evaluate,
     hypervolume,
+    summary_markdown,
     weight_grid,
     write_report,
 )
@@ -90,6 +92,12 @@ def test_sweep_and_best_of_n(tiny_model_dir: Path, head_paths: list[str], tmp_pa
     assert base.kl_topk == pytest.approx(0.0, abs=1e-4) and base.kl > 0
     assert base.mean_tokens == pytest.approx(sum(g.completion_tokens for g in plain) / 6)
     assert base.empty_rate == pytest.approx(sum(not g.text.strip() for g in plain) / 6)
+    assert base.degenerate_rate == pytest.approx(sum(is_degenerate(g.text) for g in plain) / 6)
+    # A steered row 6 points above the base row is flagged in the table; one 4 points above is not.
+    report.rows[1].degenerate_rate = base.degenerate_rate + 0.06
+    report.rows[2].degenerate_rate = base.degenerate_rate + 0.04
+    table = [line for line in summary_markdown(report).splitlines() if line.startswith("| ")]
+    assert [" (!) |" in line for line in table[1:4]] == [False, True, False]
     assert not base.oracle and all(r.oracle for r in report.rows if r.method.startswith("best-of"))
 
     def row(method: str, alpha: float) -> MethodRow:

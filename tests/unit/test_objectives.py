@@ -31,6 +31,7 @@ from mavis_lc.objectives import (
     readability,
     score_checked,
 )
+from mavis_lc.objectives.builtin import CONCISENESS_VERSION, count_words, stale_definition
 
 # --------------------------------------------------------------------------- public surface
 
@@ -224,6 +225,40 @@ def test_conciseness_exact_values_and_monotonic_in_words() -> None:
     scores = default.score([""] * len(lengths), [" ".join(["word"] * n) for n in lengths])
     assert scores[4] == pytest.approx(0.5)
     assert all(a > b for a, b in itertools.pairwise(scores))
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("Hello, world!", 2),
+        ("I'm well-known here.", 3),  # inner apostrophes and hyphens stay in their word
+        ("In 2023 it cost 1,000 euros.", 8),  # a year is two words, 1,000 two
+        ("I'm on-tap 1111111111111111111111111111111111111111", 22),  # 40 digits are 20 words
+        ("internationalization", 2),  # 20 letters: one word per 12
+        ("wow!!!!!!!!", 5),  # 8 symbols: 4 words; up to 3 are free
+        ("e.g. this", 3),
+        ("", 0),
+    ],
+)
+def test_conciseness_counts_no_run_of_characters_as_one_cheap_word(text: str, words: int) -> None:
+    assert count_words(text) == words
+    assert conciseness(reference_words=10).score([""], [text]) == pytest.approx([1 / (1 + words / 10)])
+
+
+def test_conciseness_ranks_a_digit_run_below_a_short_answer() -> None:
+    short, digits = conciseness().score(["", ""], ["It is sunny and warm today.", "Sunny " + "1" * 48])
+    assert short > digits
+    assert conciseness().version == CONCISENESS_VERSION == 2 and positivity().version == 1
+
+
+def test_a_head_trained_on_an_older_reward_definition_is_told_apart() -> None:
+    assert stale_definition("conciseness", {"objective_version": 2}) is None
+    assert stale_definition("positivity", {}) is None  # positivity has one definition
+    note = stale_definition("conciseness", {})  # recorded before versions: definition 1
+    assert note is not None and "definition v1" in note and "current definition is v2" in note
+    assert stale_definition("my_reward", {}) is None  # not a built-in
+    with pytest.raises(ConfigurationError, match="version of objective 'x' must be an integer >= 1, got 0"):
+        Objective("x", lambda p, r: [0.0] * len(r), version=0)
 
 
 @pytest.mark.parametrize("bad", [0, -3, math.inf, True, "10"])

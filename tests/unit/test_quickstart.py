@@ -60,6 +60,10 @@ def test_quickstart_trains_registers_evaluates_and_reuses(
         for objective in quickstart.OBJECTIVES:
             mean, low, high = setting[objective]
             assert -1.0 <= mean <= 1.0 and low <= mean <= high
+    for setting in summary["settings"]:
+        assert 0.0 <= setting["degenerate_rate"] <= 1.0 and 0.0 <= setting["empty_rate"] <= 1.0
+        flag = setting["degenerate_rate"] > summary["settings"][0]["degenerate_rate"] + 0.05
+        assert setting["degenerate_flagged"] == flag
     base_kl = summary["settings"][0]["kl"][0]
     assert base_kl > 0.0  # the top-k cut alone
     assert summary["settings"][0]["kl_topk"][0] == pytest.approx(0.0, abs=1e-4)  # plain top-k sampling

@@ -64,6 +64,9 @@ def test_show_has_metrics_and_lineage(registry: Registry) -> None:
     assert "children" in output and "positivity@2" in output
     assert "4 (decode at this beta; soft targets with zeta 0.25)" in output
     assert "within-prompt R² 0.312, sibling-difference corr 0.438" in output
+    assert "reward definition │ v1 " in output and "current definition" not in output  # positivity has one
+    code, output = invoke("registry", "show", "conciseness@1")  # registered before definition versions
+    assert code == 0 and "definition v1 of the 'conciseness' reward; the current definition is v2" in output
 
 
 def test_alias_set_move_delete(registry: Registry) -> None:
