@@ -41,6 +41,10 @@ class Objective:
         version: the definition's version: a reward whose definition changes gets a new one,
             recorded with every head trained on it (``objective_version`` in the version's
             training parameters), so heads trained on an older definition are told apart.
+        prefix_scoring: whether the score of a partial response means something: Φ(s ⊕ a), the
+            reward of the response so far with candidate a appended, is then a dense label for
+            every candidate a value head scores (`mavis_lc.training.dense`). False: training
+            learns from whole-response (leaf) rewards alone.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class Objective:
         description: str = "",
         reward_range: tuple[float, float] | None = None,
         version: int = 1,
+        prefix_scoring: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(f"objective name must be a non-empty string, got {name!r}")
@@ -71,6 +76,7 @@ class Objective:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ConfigurationError(f"version of objective {name!r} must be an integer >= 1, got {version!r}")
         self.version = version
+        self.prefix_scoring = bool(prefix_scoring)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """Score each ``(prompts[i], responses[i])`` pair; see `score_checked` for the contract."""

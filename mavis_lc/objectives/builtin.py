@@ -43,6 +43,7 @@ def positivity() -> Objective:
         _positivity,
         description="Sentiment of the response (VADER compound): 1 very positive, -1 very negative.",
         reward_range=(-1.0, 1.0),
+        prefix_scoring=True,
     )
 
 
@@ -70,6 +71,7 @@ def readability() -> Objective:
         _readability,
         description="Flesch reading ease of the response, clipped to [0, 100] and scaled to [0, 1].",
         reward_range=(0.0, 1.0),
+        prefix_scoring=True,
     )
 
 
@@ -89,6 +91,7 @@ def non_profanity() -> Objective:
         _non_profanity,
         description="1 - probability that the response is profane or offensive (alt-profanity-check).",
         reward_range=(0.0, 1.0),
+        prefix_scoring=True,
     )
 
 
@@ -137,7 +140,9 @@ def conciseness(reference_words: float = DEFAULT_REFERENCE_WORDS) -> Objective:
 
     Words are counted by `count_words` (definition version `CONCISENESS_VERSION`), which does not
     depend on any tokenizer and gives no run of digits, symbols or letters the price of one short
-    word. An empty response scores 1; one of ``reference_words`` words scores 0.5.
+    word. An empty response scores 1; one of ``reference_words`` words scores 0.5. It does not
+    score prefixes: the length so far is shared by every candidate of a state but EOS, so what
+    decides the reward (how much is still to come) is all in the leaves.
 
     Raises:
         ConfigurationError: ``reference_words`` is not a positive number.

@@ -123,6 +123,7 @@ class HFRewardModelObjective(Objective):
             if description is not None
             else f"Logit {logit_label!r} of the reward model {self.hub_id or self.model_dir}.",
             reward_range=None,
+            prefix_scoring=True,  # a reward model reads any text; a partial answer is one
         )
 
     def _resolve_logit(self, label: str | None, logit_index: int | None) -> tuple[int, str]:

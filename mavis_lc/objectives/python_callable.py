@@ -52,6 +52,8 @@ class CallableObjective(Objective):
         name: objective name; default the function's name.
         description: default the first line of the function's docstring.
         reward_range: ``(low, high)`` if the function's scores are bounded; checked on every score.
+        prefix_scoring: the function's score of a partial response is meaningful, so training
+            labels every candidate token with it (`mavis_lc.objectives.Objective`); default False.
 
     Raises:
         ConfigurationError: see `load_callable`.
@@ -64,6 +66,7 @@ class CallableObjective(Objective):
         name: str | None = None,
         description: str | None = None,
         reward_range: tuple[float, float] | None = None,
+        prefix_scoring: bool = False,
     ) -> None:
         reward_fn = load_callable(spec)
         self.spec = spec.strip()
@@ -74,4 +77,5 @@ class CallableObjective(Objective):
             reward_fn,
             description=description if description is not None else (doc.splitlines()[0] if doc else self.spec),
             reward_range=reward_range,
+            prefix_scoring=prefix_scoring,
         )

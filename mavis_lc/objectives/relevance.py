@@ -104,4 +104,5 @@ def relevance(device: str = "cpu", batch_size: int = 64) -> Objective:
         _Relevance(device, batch_size),
         description="Cosine similarity of prompt and response embeddings (all-MiniLM-L6-v2).",
         reward_range=(-1.0, 1.0),
+        prefix_scoring=True,
     )

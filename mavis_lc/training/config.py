@@ -164,6 +164,21 @@ class TrainingConfig:
             "the prompt."
         },
     )
+    dense_labels: bool = field(
+        default=True,
+        metadata={
+            "help": "Shared head, objectives that score prefixes: label every top-k candidate of the sampled states "
+            "with the prefix reward Phi(s + a) and fit Q = Phi-part + residual (the residual on the Monte Carlo "
+            "targets); other objectives and architectures learn from the leaves alone."
+        },
+    )
+    dense_max_states: int = field(
+        default=8192,
+        metadata={
+            "help": "States labelled per iteration (top_k reward calls each), drawn evenly from the rollout tokens; "
+            "0: all of them."
+        },
+    )
     epochs: int = field(default=20, metadata={"help": "Most passes over the training targets per iteration."})
     fit_batch_size: int = field(default=256, metadata={"help": "Shared head: (state, token) pairs per minibatch."})
     sequence_batch_size: int = field(
@@ -281,6 +296,10 @@ class TrainingConfig:
             raise ConfigurationError(
                 f"beta {self.beta!r} leaves zeta = 1/beta undefined for iterations >= 1: give beta > 0 or set zeta"
             )
+        if isinstance(self.dense_max_states, bool) or not isinstance(self.dense_max_states, int):
+            raise ConfigurationError(f"dense_max_states must be an integer >= 0, got {self.dense_max_states!r}")
+        if self.dense_max_states < 0:
+            raise ConfigurationError(f"dense_max_states must be an integer >= 0, got {self.dense_max_states!r}")
         if isinstance(self.min_response_tokens, bool) or not isinstance(self.min_response_tokens, int):
             raise ConfigurationError(f"min_response_tokens must be an integer >= 0, got {self.min_response_tokens!r}")
         if self.min_response_tokens < 0:

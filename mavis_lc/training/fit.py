@@ -600,9 +600,9 @@ def _param_groups(model: nn.Module, config: TrainingConfig) -> list[dict[str, An
     if isinstance(model, SideBranchValueModel):
         layers = [p for p in model.branch.parameters() if p.requires_grad]
         return [{"params": layers, "lr": config.side_learning_rate}, *_param_groups(model.q_head, config)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if not isinstance(model, SharedBackboneQHead):
-        return [{"params": trainable}]
-    matrices = [p for p in trainable if p.dim() >= 2]
-    vectors = [p for p in trainable if p.dim() < 2]
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    # The d x d projections are the matrices; the state value's weight is 2-D (1 x d) but a vector.
+    matrices = [p for name, p in model.named_parameters() if p.requires_grad and name.endswith("proj.weight")]
+    vectors = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("proj.weight")]
     return [{"params": matrices}, {"params": vectors, "lr": config.bias_learning_rate}]

@@ -8,7 +8,11 @@ For iteration i = 0 .. n_iterations-1 (docs/architecture.md, "Training, registry
    with the same base, prompts and tree settings reuses them.
 2. ``rewards``: score every leaf, normalise with the iteration-0 mean and std, compute the
    targets (hard at i = 0, soft with ``zeta`` after; `mavis_lc.training.targets`).
-3. ``fit``: regress the value model on them, warm-started from iteration i-1.
+   ``labels``: for a shared head and an objective that scores prefixes, label every top-k
+   candidate of the sampled states with Φ(s ⊕ a) (`mavis_lc.training.dense`).
+3. ``fit``: regress the value model on them, warm-started from iteration i-1; with dense
+   labels, the shared head is refitted as Φ-part (on every iteration's labels so far) plus a
+   residual on the Monte Carlo targets.
 
 Each stage ends in a checkpoint file in the work folder, written to a temporary name and
 renamed, so a rerun of the same job (same config, same work folder) picks up after the last
@@ -36,6 +40,7 @@ from mavis_lc.errors import ConfigurationError, RewardError, TrainingCancelled, 
 from mavis_lc.objectives import Objective, get_objective
 from mavis_lc.settings import get_settings
 from mavis_lc.training.config import TrainingConfig
+from mavis_lc.training.dense import DenseLabels, fit_dense, label_states
 from mavis_lc.training.files import write_atomic
 from mavis_lc.training.fit import fit_separate_backbone, fit_shared_head, fit_shared_head_averaged, fit_side_branch
 from mavis_lc.training.prompts import format_prompts, load_prompts
@@ -145,6 +150,7 @@ def train_objective(
         return call
 
     results: list[IterationResult] = []
+    labelled: list[tuple[TreeRollouts, DenseLabels]] = []  # every iteration's dense labels so far
     model: ValueModel | None = None
     stats: tuple[float, float] | None = None
     try:
@@ -180,6 +186,18 @@ def train_objective(
                 iteration=iteration, stats=stats, progress=report("rewards", iteration), should_cancel=should_cancel,
             )  # fmt: skip
             stats = (targets.reward_mean, targets.reward_std)
+            dense_metrics: dict[str, float] = {}
+            if uses_dense_labels(config, objective):
+                labels = _dense_stage(
+                    folder / f"dense-{iteration}.safetensors", rollouts, objective, base, raw_prompts, config,
+                    iteration=iteration, progress=report("labels", iteration), should_cancel=should_cancel,
+                )  # fmt: skip
+                labelled.append((rollouts, labels))
+                dense_metrics = {
+                    "dense_states": float(labels.token_index.numel()),
+                    "dense_reward_calls": float(labels.reward_calls),
+                    "dense_seconds": labels.seconds,
+                }
             # 3. fit
             artifact = folder / f"head-{iteration}.safetensors"
             metrics_file = folder / f"metrics-{iteration}.json"
@@ -190,8 +208,9 @@ def train_objective(
             else:
                 model = _warm_start(model, base, objective, config, iteration, stats)
                 measured = {
-                    **_fit(model, base, rollouts, targets, config, report("fit", iteration), should_cancel),
+                    **_fit(model, base, rollouts, targets, config, report("fit", iteration), should_cancel, labelled),
                     **rollout_metrics,
+                    **dense_metrics,
                     **_rollout_stats(rollouts, targets),
                 }
                 # A metric that is undefined here (a Spearman or R² over constant targets) is left out.
@@ -307,6 +326,36 @@ def _targets_stage(
     return targets
 
 
+def uses_dense_labels(config: TrainingConfig, objective: Objective) -> bool:
+    """Whether the run fits Φ-part + residual on dense prefix-reward labels (`mavis_lc.training.dense`)."""
+    return config.dense_labels and config.architecture == "shared_q_head" and objective.prefix_scoring
+
+
+def _dense_stage(
+    path: Path,
+    rollouts: TreeRollouts,
+    objective: Objective,
+    base: BaseModel,
+    raw_prompts: list[str],
+    config: TrainingConfig,
+    *,
+    iteration: int,
+    progress: Callable[..., None],
+    should_cancel: Callable[[], bool] | None,
+) -> DenseLabels:
+    """Label the iteration's states with Φ, or read the labels from ``path``."""
+    if path.is_file() and path.with_suffix(".json").is_file():
+        progress(1, 1, {"resumed": 1.0})
+        return DenseLabels.load(path)
+    prompts = raw_prompts[rollouts.first_prompt : rollouts.first_prompt + len(rollouts.prompts)]
+    labels = label_states(
+        rollouts, objective, base, prompts=prompts, config=config, iteration=iteration,
+        progress=lambda done, total: progress(done, total, {}), should_cancel=should_cancel,
+    )  # fmt: skip
+    labels.save(path)
+    return labels
+
+
 def _warm_start(
     previous: ValueModel | None,
     base: BaseModel,
@@ -349,7 +398,14 @@ def _fit(
     config: TrainingConfig,
     progress: Callable[..., None],
     should_cancel: Callable[[], bool] | None,
+    labelled: list[tuple[TreeRollouts, DenseLabels]],
 ) -> dict[str, float]:
+    if isinstance(model, SharedBackboneQHead) and labelled:
+        metrics = fit_dense(
+            model, rollouts, targets.token_target, labelled, config, progress=progress, should_cancel=should_cancel
+        )
+        model.requires_grad_(False)
+        return metrics
     if isinstance(model, SideBranchValueModel):
         prefit: dict[str, float] = {}
         if model.config.iteration == 0:
