@@ -72,7 +72,7 @@ class TrainingConfig:
         default=4,
         metadata={
             "help": "Contrastive expansion: the nodes of layer n_layers are the m most probable distinct candidates "
-            "of the sampling policy at their parent's state, each continued by sampling, so that state has m "
+            "of the base (pi_ref) at their parent's state, each continued by sampling, so that state has m "
             "labelled actions (0: that layer samples k_children like the others)."
         },
     )

@@ -14,20 +14,23 @@ planned layer samples on until EOS or until its response (root to node) has exac
 tokens, so leaves are whole responses, scored as a user would see them.
 
 Contrastive expansion (``expand_top_m`` = m > 0): the nodes of layer ``n_layers`` are not
-``k_children`` samples but the m most probable distinct candidates of the sampling policy at
-their parent's state (deterministic, ranks 0..m-1 of pi's top-k), each then continued by
-sampling. Such a branch state has m labelled actions instead of two random ones: the contrast
-the tilt needs. Its children are ``node_forced``; a parent's value weighs them by pi
-renormalised over them (`mavis_lc.training.targets`), so it still estimates the state's value
-under pi.
+``k_children`` samples but the m most probable distinct candidates of the base at their
+parent's state (deterministic, ranks 0..m-1 of pi_ref's top-k; not the tilted policy's, whose
+top-m at iteration >= 1 would be the candidates the previous head already favours, which
+removes the contrast to learn from), each then continued by sampling. Such a branch state has
+m labelled actions instead of two random ones: the contrast the tilt needs. Its children are
+``node_forced``; a parent's value weighs them by pi renormalised over them
+(`mavis_lc.training.targets`), so it still estimates the state's value under pi.
 
 Sampling is MAVIS with the given heads at weight 1 (no heads: plain top-k sampling from
 pi_ref), and each token records ``log pi(a|s) - log pi_ref_T(a|s)`` (full-vocabulary
 reference), ``log Z_k(s)``, the log of the base's probability mass on the step's top-k (so
-``log pi - log pi_ref^k = log_ratio + log_z_k``, the ratio the soft targets use), and the base's
-hidden state h(s) the step read, so the shared-backbone fit needs no second forward, and
-``log pi(a|s)`` itself. Per prompt, the prompt-pooled query (the mean of the base's final
-hidden states over the prompt's tokens) is kept for heads that read it. EOS is
+``log pi - log pi_ref^k = log_ratio + log_z_k``), the exact ``KL(pi || pi_ref^k)`` of the
+step's state over its k candidates (what the soft targets charge: the sampled log-ratio has the
+same expectation and far more variance), the base's hidden state h(s) the step read, so the
+shared-backbone fit needs no second forward, and ``log pi(a|s)`` itself. Per prompt, the
+prompt-pooled query (the mean of the base's final hidden states over the prompt's tokens) is
+kept for heads that read it. EOS is
 banned until a response has ``min_response_tokens`` tokens (default 1: no empty answers);
 the log-ratios stay against the unconstrained base.
 
@@ -93,6 +96,9 @@ class TreeRollouts:
     log_prob: torch.Tensor  # (T,) float32: log pi(a_t|s_t), the sampling policy's (tilted) probability
     node_forced: torch.Tensor  # (N,) bool: the node's first token was its parent's rank-r candidate, not a sample
     prompt_hidden: torch.Tensor  # (P, d) float32: mean base final hidden state over each prompt's tokens
+    state_kl: torch.Tensor | None = None
+    """(T,) float32: KL(pi || pi_ref^k) at s_t, exact over the step's k candidates; None in files
+    sampled from pi_ref alone before it was recorded, where it is 0."""
     tap_layer: int | None = None
     """The base decoder layer whose inputs `tap` and `prompt_tap` hold (for side-branch fits); None: not recorded."""
     tap: torch.Tensor | None = None  # (T, d) float32: the input of layer tap_layer at the last token of s_t
@@ -139,6 +145,8 @@ class TreeRollouts:
 
     def to_bytes(self) -> bytes:
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        if self.state_kl is not None:
+            tensors["state_kl"] = self.state_kl.contiguous()
         if self.tap_layer is not None:
             tensors.update({name: getattr(self, name).contiguous() for name in _TAP_TENSORS})
         meta = json.dumps({"first_prompt": self.first_prompt, "prompts": self.prompts, "tap_layer": self.tap_layer})
@@ -194,7 +202,8 @@ def merge_rollouts(parts: Sequence[TreeRollouts]) -> TreeRollouts:
     if len(tap_layers) > 1:
         raise ConfigurationError(f"rollout shards recorded different tap layers: {sorted(map(str, tap_layers))}")
     tap_layer = ordered[0].tap_layer
-    names = _TENSORS + (_TAP_TENSORS if tap_layer is not None else ())
+    with_kl = all(part.state_kl is not None for part in ordered)
+    names = _TENSORS + (("state_kl",) if with_kl else ()) + (_TAP_TENSORS if tap_layer is not None else ())
     node_offset = prompt_offset = token_offset = 0
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for part in ordered:
@@ -416,7 +425,7 @@ def _sample_batch(
         short = (depth + count < config.min_response_tokens)[:, None]  # (R, 1) EOS still banned
         rank = [plans[t].forced[n] for t, n, _ in rows]
         forced = torch.tensor(rank, device=device).masked_fill(count > 0, -1)  # (R,) only a node's first token
-        tokens, log_ratio, log_z_k, log_prob = _sample_step(
+        tokens, log_ratio, log_z_k, log_prob, state_kl = _sample_step(
             base.logits(hidden),
             hidden,
             heads,
@@ -429,7 +438,7 @@ def _sample_batch(
             prompt_hidden=state.prompt_hidden,
         )  # (R,) each
         tap = state.taps[tap_layer] if tap_layer is not None else hidden[:, :0]  # (R, d) or (R, 0)
-        records.append((node_id, tokens, log_ratio, log_z_k, hidden, log_prob, tap))
+        records.append((node_id, tokens, log_ratio, log_z_k, hidden, log_prob, tap, state_kl))
         count += 1
         hit_eos = torch.isin(tokens, eos)  # (R,)
         done = hit_eos | (count >= planned)  # (R,)
@@ -485,7 +494,7 @@ def _sample_step(
     allowed: torch.Tensor | None = None,
     forced: torch.Tensor | None = None,
     prompt_hidden: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One rollout step: `mavis_step`'s pi with every head at weight 1, sampled from each row's generator.
 
     The distribution is exactly `mavis_step`'s; the randomness differs: the exponential race
@@ -496,14 +505,14 @@ def _sample_step(
         logits: base next-token logits, (R, V); hidden: base hidden states, (R, d).
         generators: one per row.
         allowed: (R, V) or (1, V) bool, the tokens the top-k is taken among (None: all).
-        forced: (R,) long: where >= 0, the row takes pi's candidate of that rank (0: the most
-            probable) instead of a sample; -1: it samples.
+        forced: (R,) long: where >= 0, the row takes the base's candidate of that rank (0: the
+            most probable under pi_ref) instead of a sample; -1: it samples.
         prompt_hidden: (R, d) the prompt-pooled query of every row.
 
     Returns:
         The sampled tokens (R,), their ``log pi(a|s) - log pi_ref_T(a|s)`` against the
         unconstrained base (R,), ``log Z_k(s)``, the log of the base's mass on the
-        candidates (R,), and ``log pi(a|s)`` (R,).
+        candidates (R,), ``log pi(a|s)`` (R,), and ``KL(pi || pi_ref^k)`` at each row's state (R,).
     """
     ref_logits = logits.float() / temperature  # (R, V) pi_ref at temperature T
     log_normaliser = torch.logsumexp(ref_logits, dim=-1)  # (R,)
@@ -516,14 +525,14 @@ def _sample_step(
     log_probs = torch.log_softmax(topk_logits + tilt, dim=-1)  # (R, k) log pi over the candidates
     noise = torch.stack([torch.empty(top_k, device=logits.device).exponential_(generator=g) for g in generators])
     choice = (log_probs.exp() / noise).argmax(dim=-1, keepdim=True)  # (R, 1) the exponential race
-    if forced is not None:
-        by_rank = log_probs.argsort(dim=-1, descending=True, stable=True)  # (R, k) most probable first
-        ranked = by_rank.gather(1, forced.clamp(min=0)[:, None])  # (R, 1)
-        choice = torch.where(forced[:, None] >= 0, ranked, choice)  # (R, 1)
+    if forced is not None:  # topk sorts the candidates by the base's logits: rank r is index r
+        choice = torch.where(forced[:, None] >= 0, forced.clamp(min=0)[:, None], choice)  # (R, 1)
     tokens = candidates.gather(1, choice).squeeze(1)  # (R,)
     log_prob = log_probs.gather(1, choice).squeeze(1)  # (R,)
     ref_log_prob = topk_logits.gather(1, choice).squeeze(1) - log_normaliser  # (R,)
-    return tokens, log_prob - ref_log_prob, log_z_k, log_prob
+    ref_k = torch.log_softmax(topk_logits, dim=-1)  # (R, k) log pi_ref^k
+    state_kl = (log_probs.exp() * (log_probs - ref_k)).sum(-1).clamp(min=0.0)  # (R,)
+    return tokens, log_prob - ref_log_prob, log_z_k, log_prob, state_kl
 
 
 def _flatten(
@@ -554,11 +563,12 @@ def _flatten(
         log_z_k = torch.cat([r[3] for r in records]).float().cpu()[order]
         hidden = torch.cat([r[4] for r in records]).float().cpu()[order]
         log_prob = torch.cat([r[5] for r in records]).float().cpu()[order]
+        state_kl = torch.cat([r[7] for r in records]).float().cpu()[order]
         if taps is not None:
             taps = (taps[0][order], taps[1], taps[2])
     else:
         node_id = tokens = torch.zeros(0, dtype=torch.long)
-        log_ratio = log_z_k = log_prob = torch.zeros(0)
+        log_ratio = log_z_k = log_prob = state_kl = torch.zeros(0)
         hidden = torch.zeros(0, prompt_hidden.shape[1])
     length = torch.bincount(node_id, minlength=offsets[-1] if offsets else 0).tolist()
     stored: dict[int, int] = {}  # global node id -> index among the stored nodes
@@ -590,6 +600,7 @@ def _flatten(
         log_z_k=log_z_k,
         hidden=hidden,
         log_prob=log_prob,
+        state_kl=state_kl,
         node_forced=torch.tensor(forced, dtype=torch.bool),
         prompt_hidden=prompt_hidden,
         tap_layer=tap_layer if taps is not None else None,

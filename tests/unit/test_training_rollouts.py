@@ -166,7 +166,7 @@ def test_rollout_step_samples_what_mavis_step_would(base: BaseModel) -> None:
     settings: dict[str, Any] = {"beta": 0.7, "top_k": 5, "temperature": 0.8}
     expected = mavis_step(logits, hidden, [head], torch.ones(6, 1), **settings, generators=None)
     rngs = [torch.Generator().manual_seed(i) for i in range(6)]
-    tokens, log_ratio, log_z_k, log_prob = _sample_step(logits, hidden, [head], **settings, generators=rngs)
+    tokens, log_ratio, log_z_k, log_prob, state_kl = _sample_step(logits, hidden, [head], **settings, generators=rngs)
     is_token = expected.candidates == tokens[:, None]  # (6, 5)
     assert bool(is_token.any(1).all())
     log_pi = expected.probs[is_token].log()  # (6,)
@@ -175,21 +175,26 @@ def test_rollout_step_samples_what_mavis_step_would(base: BaseModel) -> None:
     torch.testing.assert_close(log_ratio, log_pi - log_ref)
     log_ref_k = torch.log_softmax(torch.gather(logits / 0.8, 1, expected.candidates), dim=-1)[is_token]  # (6,)
     torch.testing.assert_close(log_ratio + log_z_k, log_pi - log_ref_k)
+    # The state's exact KL(pi || pi_ref^k) over its candidates: the expectation of that log-ratio.
+    ref_k = torch.log_softmax(torch.gather(logits / 0.8, 1, expected.candidates), dim=-1)  # (6, 5)
+    torch.testing.assert_close(state_kl, (expected.probs * (expected.probs.log() - ref_k)).sum(1))
     # Many rows in one state: the sampled frequencies are pi's.
     n = 4000
     many = [torch.Generator().manual_seed(i) for i in range(n)]
-    tokens, _, _, _ = _sample_step(
+    tokens, _, _, _, _ = _sample_step(
         logits[:1].expand(n, -1), hidden[:1].expand(n, -1), [head], **settings, generators=many
     )
     frequency = (expected.candidates[0][:, None] == tokens[None, :]).double().mean(1)  # (5,)
     torch.testing.assert_close(frequency, expected.probs[0].double(), atol=0.03, rtol=0)
-    # Forced ranks take pi's candidates in order of probability, whatever the generator draws.
+    # Forced ranks take the base's candidates in order of its probability (not the tilted pi's),
+    # whatever the generator draws; their log pi is still the tilted policy's.
     forced = torch.tensor([0, 1, 2, 3, 4, -1])
-    tokens, _, _, log_prob = _sample_step(logits, hidden, [head], **settings, generators=rngs, forced=forced)
-    order = expected.probs.argsort(dim=-1, descending=True)  # (6, 5)
+    tokens, _, _, log_prob, _ = _sample_step(logits, hidden, [head], **settings, generators=rngs, forced=forced)
+    by_base = (logits / 0.8).topk(5, dim=-1).indices  # (6, 5) most probable under pi_ref first
     for row in range(5):
-        assert int(tokens[row]) == int(expected.candidates[row, order[row, row]])
-        assert float(log_prob[row].exp()) == pytest.approx(float(expected.probs[row, order[row, row]]), rel=1e-5)
+        assert int(tokens[row]) == int(by_base[row, row])
+        j = int((expected.candidates[row] == tokens[row]).nonzero())
+        assert float(log_prob[row].exp()) == pytest.approx(float(expected.probs[row, j]), rel=1e-5)
 
 
 def test_leaf_completion_samples_leaves_to_whole_responses(base: BaseModel) -> None:
