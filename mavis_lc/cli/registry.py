@@ -173,8 +173,10 @@ def _within_state(metrics: dict[str, Any]) -> str:
         "within_prompt_r2": "within-prompt R²",
         "sibling_corr": "sibling-difference corr",
         "sibling_sign_agreement": "sign agreement",
-        "sibling_noise_ceiling": "noise ceiling",
+        "candidate_noise_ceiling": "its ceiling",
+        "sibling_noise_ceiling": "root-pair ceiling",
         "sibling_pairs": "pairs",
+        "phi_corr": "agreement with the prefix reward",
     }
     return ", ".join(f"{label} {metrics[name]:.3g}" for name, label in names.items() if name in metrics)
 

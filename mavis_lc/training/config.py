@@ -76,6 +76,13 @@ class TrainingConfig:
             "labelled actions (0: that layer samples k_children like the others)."
         },
     )
+    ceiling_share: float = field(
+        default=0.25,
+        metadata={
+            "help": "Share of trees whose expanded candidates are each continued twice (two leaves per candidate), "
+            "which measures the candidate-level noise ceiling of the sibling-difference correlation; 0: none."
+        },
+    )
     rollout_prompts_per_batch: int = field(
         default=8,
         metadata={"help": "Trees sampled together in one batched forward; shard boundaries must be multiples of it."},
@@ -308,6 +315,8 @@ class TrainingConfig:
             raise ConfigurationError(
                 f"selection_metric {self.selection_metric!r} is not allowed; allowed: {', '.join(SELECTION_METRICS)}"
             )
+        if not 0 <= self.ceiling_share <= 1:
+            raise ConfigurationError(f"ceiling_share must be in [0, 1], got {self.ceiling_share!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigurationError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.architecture not in ARCHITECTURES:

@@ -21,6 +21,12 @@ held-out tokens:
   estimate, ``2 rho / (1 + rho)``, gives the ceiling as its square root. It is an upper bound
   for a first-token Q (the child's own segment counts as signal here). NaN where the trees
   have no such states.
+- ``candidate_noise_ceiling``: the same bound for the pairs ``sibling_corr`` is measured on,
+  single-leaf differences between expanded candidates. Where a tree expanded each candidate
+  twice (``ceiling_share``), every pair of distinct candidates has two independent estimates of
+  its difference, one from each copy; their correlation rho is the reliability of one
+  single-leaf difference, and ``sqrt(rho)`` is the most a perfect predictor of the candidates'
+  values could correlate with it. ``candidate_ceiling_pairs`` counts the pairs behind it.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class StateMetrics:
                         pairs.append((int(first[a]), int(first[b])))
         self.pairs = torch.tensor(pairs, dtype=torch.long).view(-1, 2)  # (n_pairs, 2) token indices
         self.noise_ceiling = _split_half_ceiling(rollouts, children, self.token_target)
+        self.candidate_ceiling, self.candidate_pairs = _candidate_ceiling(rollouts, children, self.token_target)
 
     def __call__(self, token_index: torch.Tensor, prediction: torch.Tensor) -> dict[str, float]:
         """The metrics of ``prediction`` (n,) of tokens ``token_index`` (n,); tokens outside the
@@ -81,6 +88,8 @@ class StateMetrics:
         metrics["sibling_sign_agreement"] = float(agree.mean()) if agree.numel() else math.nan
         metrics["sibling_pairs"] = float(pairs.shape[0])
         metrics["sibling_noise_ceiling"] = self.noise_ceiling
+        metrics["candidate_noise_ceiling"] = self.candidate_ceiling
+        metrics["candidate_ceiling_pairs"] = float(self.candidate_pairs)
         return metrics
 
 
@@ -117,6 +126,28 @@ def _within_group_r2(prediction: torch.Tensor, target: torch.Tensor, group: torc
     spread = float(centred(target).square().sum())
     residual = float((centred(prediction) - centred(target)).square().sum())
     return 1.0 - residual / spread if spread > 0 else math.nan
+
+
+def _candidate_ceiling(
+    rollouts: TreeRollouts, children: dict[int, list[int]], token_target: torch.Tensor
+) -> tuple[float, int]:
+    """The candidate-level ceiling and its pair count (see the module docstring)."""
+    first = rollouts.node_start
+    estimate = token_target[first]  # (N,) each node's Monte Carlo value as an action of its parent
+    one: list[float] = []
+    two: list[float] = []
+    for kids in children.values():
+        copies: dict[int, list[int]] = {}
+        for kid in kids:
+            if bool(rollouts.node_forced[kid]):
+                copies.setdefault(int(rollouts.tokens[first[kid]]), []).append(kid)
+        doubled = [nodes for nodes in copies.values() if len(nodes) >= 2]
+        for i, a in enumerate(doubled):
+            for b in doubled[i + 1 :]:
+                one.append(float(estimate[a[0]] - estimate[b[0]]))
+                two.append(float(estimate[a[1]] - estimate[b[1]]))
+    rho = _pearson(torch.tensor(one, dtype=torch.float64), torch.tensor(two, dtype=torch.float64))
+    return (math.sqrt(max(rho, 0.0)) if not math.isnan(rho) else math.nan), len(one)
 
 
 def _split_half_ceiling(

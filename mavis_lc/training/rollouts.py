@@ -18,7 +18,10 @@ Contrastive expansion (``expand_top_m`` = m > 0): the nodes of layer ``n_layers`
 parent's state (deterministic, ranks 0..m-1 of pi_ref's top-k; not the tilted policy's, whose
 top-m at iteration >= 1 would be the candidates the previous head already favours, which
 removes the contrast to learn from), each then continued by sampling. Such a branch state has
-m labelled actions instead of two random ones: the contrast the tilt needs. Its children are
+m labelled actions instead of two random ones: the contrast the tilt needs. In a share
+``ceiling_share`` of the trees (chosen by prompt, not by the plan's generator) each candidate
+is expanded twice, two leaves apiece, so the noise of a single-leaf sibling difference can be
+measured (`mavis_lc.training.metrics`). Its children are
 ``node_forced``; a parent's value weighs them by pi renormalised over them
 (`mavis_lc.training.targets`), so it still estimates the state's value under pi.
 
@@ -292,7 +295,8 @@ def planned_tokens(config: TrainingConfig, n_prompts: int, *, first_prompt: int 
     nodes below it are not sampled. Cheap: no model runs."""
     total = 0
     for t in range(n_prompts):
-        plan = _plan_tree(_plan_rng(config, iteration, first_prompt + t), config)
+        prompt = first_prompt + t
+        plan = _plan_tree(_plan_rng(config, iteration, prompt), config, _doubled(config, iteration, prompt))
         total += sum(plan.length)
     return total
 
@@ -314,14 +318,17 @@ class _Plan:
     forced: list[int]  # the rank among pi's candidates a node's first token is forced to; -1: sampled
 
 
-def _plan_tree(rng: random.Random, config: TrainingConfig) -> _Plan:
-    """Plan the full tree layer by layer (breadth first), as if no segment ended with EOS."""
+def _plan_tree(rng: random.Random, config: TrainingConfig, doubled: bool = False) -> _Plan:
+    """Plan the full tree layer by layer (breadth first), as if no segment ended with EOS;
+    ``doubled``: each expanded candidate gets two nodes (ranks 0..m-1, then 0..m-1 again)."""
     plan = _Plan(parent=[-1], length=[0], children=[[]], forced=[-1])
     budget = config.t_max_tokens
     previous = [0]
     for layer in range(1, config.n_layers + 1):
         expand = config.expand_top_m > 0 and layer == config.n_layers
-        fan_out = config.expand_top_m if expand else config.k_root if layer == 1 else config.k_children
+        fan_out = config.k_root if layer == 1 else config.k_children
+        if expand:
+            fan_out = config.expand_top_m * (2 if doubled else 1)
         count = len(previous) * fan_out
         if layer > 1 and count * config.segment_min_tokens > budget:
             break
@@ -338,7 +345,7 @@ def _plan_tree(rng: random.Random, config: TrainingConfig) -> _Plan:
             plan.parent.append(parent)
             plan.length.append(length)
             plan.children.append([])
-            plan.forced.append(i % fan_out if expand else -1)
+            plan.forced.append((i % fan_out) % config.expand_top_m if expand else -1)
             plan.children[parent].append(node)
             current.append(node)
         previous = current
@@ -352,6 +359,13 @@ def _plan_tree(rng: random.Random, config: TrainingConfig) -> _Plan:
 def _plan_rng(config: TrainingConfig, iteration: int, prompt_index: int) -> random.Random:
     """The generator a tree's plan is drawn from."""
     return random.Random(f"tree:{config.seed}:{iteration}:{prompt_index}")
+
+
+def _doubled(config: TrainingConfig, iteration: int, prompt_index: int) -> bool:
+    """Whether this tree expands each candidate twice (a ``ceiling_share`` of the trees)."""
+    if config.ceiling_share <= 0 or config.expand_top_m <= 0:
+        return False
+    return random.Random(f"ceiling:{config.seed}:{iteration}:{prompt_index}").random() < config.ceiling_share
 
 
 def _ancestors(plan: _Plan, node: int) -> list[int]:
@@ -396,7 +410,10 @@ def _sample_batch(
             input_ids, attention_mask, state.prefill_taps.get(head.tap_layer) if head.tap_layer is not None else None
         )
     eos = torch.tensor(base.eos_token_ids, device=device, dtype=torch.long)
-    plans = [_plan_tree(_plan_rng(config, iteration, first_prompt + t), config) for t in range(len(prompts))]
+    plans = [
+        _plan_tree(_plan_rng(config, iteration, p), config, _doubled(config, iteration, p))
+        for p in range(first_prompt, first_prompt + len(prompts))
+    ]
     offsets = list(itertools.accumulate((len(plan.parent) for plan in plans), initial=0))  # global node ids
 
     def new_row(t: int, node: int) -> tuple[int, int, torch.Generator]:

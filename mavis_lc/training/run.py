@@ -63,7 +63,7 @@ ProgressCallback = Callable[[str, int, int, int, dict[str, float]], None]
 _ROLLOUT_FIELDS = (
     "k_root", "k_children", "n_layers", "segment_min_tokens", "segment_max_tokens", "t_max_tokens",
     "leaf_completion_tokens", "rollout_prompts_per_batch", "top_k", "temperature", "seed", "min_response_tokens",
-    "expand_top_m",
+    "expand_top_m", "ceiling_share",
 )  # fmt: skip
 _ROLLOUT_FORMAT = 3  # 2: log Z_k per token, the iteration in every seed; 3: log pi, forced nodes, prompt query
 

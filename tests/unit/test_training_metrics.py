@@ -90,3 +90,47 @@ def test_siblings_with_the_same_action_are_not_a_pair() -> None:
         torch.arange(6), torch.arange(6.0)
     )
     assert metrics["sibling_pairs"] == 2  # (A, B) took the same token: the tilt cannot tell them apart
+
+
+def doubled_trees(n_prompts: int) -> TreeRollouts:
+    """One tree per prompt: root -> S; S -> forced children a, b, c, a', b', c' (each candidate
+    twice, tokens 20, 21, 22, 20, 21, 22), one token per node."""
+    parent, start, prompt, tokens = [], [], [], []
+    per_tree = 8
+    for p in range(n_prompts):
+        offset = p * per_tree
+        parent += [-1, offset] + [offset + 1] * 6
+        start += [7 * p + i for i in (0, 0, 1, 2, 3, 4, 5, 6)]
+        prompt += [p] * per_tree
+        tokens += [10, 20, 21, 22, 20, 21, 22]
+    n = n_prompts * per_tree
+    return TreeRollouts(
+        first_prompt=0, prompts=[f"p{i}" for i in range(n_prompts)], node_prompt=torch.tensor(prompt),
+        node_parent=torch.tensor(parent), node_start=torch.tensor(start),
+        node_length=torch.tensor([0, 1, 1, 1, 1, 1, 1, 1] * n_prompts),
+        node_eos=torch.zeros(n, dtype=torch.bool), tokens=torch.tensor(tokens), log_ratio=torch.zeros(7 * n_prompts),
+        log_z_k=torch.zeros(7 * n_prompts), hidden=torch.zeros(7 * n_prompts, 2), log_prob=torch.zeros(7 * n_prompts),
+        node_forced=torch.tensor([False, False] + [True] * 6).repeat(n_prompts),
+        prompt_hidden=torch.zeros(n_prompts, 2),
+    )  # fmt: skip
+
+
+def test_candidate_ceiling_correlates_the_two_copies_of_each_candidate_pair() -> None:
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(5, 3, generator=generator, dtype=torch.float64)  # each tree's true candidate values
+    copy_1 = values + 0.5 * torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    copy_2 = values + 0.5 * torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    target = torch.cat([torch.zeros(5, 1, dtype=torch.float64), copy_1, copy_2], dim=1).flatten()  # S, a..c, a'..c'
+    metrics = StateMetrics(doubled_trees(5), target, torch.ones(5, dtype=torch.bool))(torch.arange(35), target)
+    one = torch.stack([copy_1[:, 0] - copy_1[:, 1], copy_1[:, 0] - copy_1[:, 2], copy_1[:, 1] - copy_1[:, 2]], 1)
+    two = torch.stack([copy_2[:, 0] - copy_2[:, 1], copy_2[:, 0] - copy_2[:, 2], copy_2[:, 1] - copy_2[:, 2]], 1)
+    rho = np.corrcoef(one.flatten(), two.flatten())[0, 1]
+    assert metrics["candidate_ceiling_pairs"] == 15
+    assert metrics["candidate_noise_ceiling"] == pytest.approx(math.sqrt(max(rho, 0.0)))
+    # Copies of one candidate took the same action: never a sibling pair (3 x 3 cross pairs + ... per tree).
+    assert metrics["sibling_pairs"] == 5 * 12
+    assert math.isnan(
+        StateMetrics(trees(3), torch.zeros(18), torch.ones(3, dtype=torch.bool))(torch.arange(18), torch.zeros(18))[
+            "candidate_noise_ceiling"
+        ]
+    )  # no doubled candidates

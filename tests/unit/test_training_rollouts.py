@@ -268,7 +268,9 @@ def test_planned_tokens_bound_the_rollouts_and_progress_reports_the_pace(base: B
 
 
 def test_expansion_forces_the_top_m_distinct_candidates_of_pi(base: BaseModel) -> None:
-    config = replace(CONFIG, n_layers=2, expand_top_m=3, t_max_tokens=10_000, leaf_completion_tokens=12)
+    config = replace(
+        CONFIG, n_layers=2, expand_top_m=3, t_max_tokens=10_000, leaf_completion_tokens=12, ceiling_share=0.0
+    )
     rollouts = sample_trees(base, prompts(base), config)
     parent = rollouts.node_parent.tolist()
     depth = [0] * rollouts.n_nodes
@@ -298,3 +300,14 @@ def test_expansion_forces_the_top_m_distinct_candidates_of_pi(base: BaseModel) -
     assert planned_tokens(config, len(TEXTS)) >= rollouts.tokens.numel()
     with pytest.raises(ConfigurationError, match="expand_top_m 9 must be <= top_k 8"):
         replace(config, expand_top_m=9).validate()
+    # With ceiling_share 1 every expanded candidate is continued twice, by its own generator.
+    doubled = sample_trees(base, prompts(base), replace(config, ceiling_share=1.0))
+    for state in {int(doubled.node_parent[n]) for n in torch.nonzero(doubled.node_forced).squeeze(1).tolist()}:
+        kids = torch.nonzero(doubled.node_parent == state).squeeze(1)
+        first = doubled.tokens[doubled.node_start[kids]].tolist()
+        assert len(kids) == 6 and first[:3] == first[3:] and len(set(first)) == 3
+        assert [doubled.response_tokens(int(k)) for k in kids[:3]] != [
+            doubled.response_tokens(int(k)) for k in kids[3:]
+        ]
+    with pytest.raises(ConfigurationError, match="ceiling_share must be in"):
+        replace(config, ceiling_share=1.5).validate()
