@@ -57,8 +57,9 @@ from mavis_lc.decoding.engine import MavisEngine
 from mavis_lc.degeneracy import is_degenerate
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.extras import MissingExtraError
+from mavis_lc.frontier import Frontier, soft_best_of_n
 from mavis_lc.objectives import Objective, get_objective
-from mavis_lc.plots import FrontPoint, save_fronts_plot
+from mavis_lc.plots import FrontPoint, GainPanel, save_fronts_plot, save_gain_kl_plot
 from mavis_lc.training import format_prompts
 from mavis_lc.value_models import ValueHeadConfig, ValueModel
 
@@ -77,6 +78,10 @@ class EvalSettings:
     """Samples per prompt (seeds 0, 1, ...)."""
     best_of: tuple[int, ...] = (2, 4, 8)
     """The N of the best-of-N baselines; () for none."""
+    frontier_samples: int = 0
+    """Base samples per prompt and seed behind the soft best-of-N frontier (`mavis_lc.frontier`;
+    reliable to log N − 1 nats); 0: the best-of-N candidates (the largest N). More samples reach
+    further at a decoding cost of that many rows."""
     beta: float = 2.0
     """MAVIS guidance strength."""
     top_k: int = 20
@@ -104,6 +109,8 @@ class EvalSettings:
             raise ConfigurationError(f"seeds must be >= 1, got {self.seeds}")
         if any(n < 2 for n in self.best_of):
             raise ConfigurationError(f"best_of values must be >= 2, got {list(self.best_of)}")
+        if self.frontier_samples == 1 or self.frontier_samples < 0:
+            raise ConfigurationError(f"frontier_samples must be 0 or >= 2, got {self.frontier_samples}")
         if self.batch_size < 1:
             raise ConfigurationError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.min_tokens <= self.max_tokens:
@@ -165,6 +172,9 @@ class MethodRow:
     seconds_per_token: float
     tokens: int
     n: int
+    kl_efficiency: float = math.nan
+    """The row's utility gain (Σ weight x gain, base SD) over the soft best-of-N frontier's gain at
+    the row's ``kl_topk`` (`mavis_lc.frontier`); NaN where that KL is past the frontier's reach."""
 
     @property
     def label(self) -> str:
@@ -209,6 +219,8 @@ class EvalReport:
     """Evaluation prompts dropped because a head was trained on them."""
     calibration: BetaCalibration | None = None
     """How beta was chosen, when it was calibrated to a KL budget."""
+    frontiers: list[Frontier] = field(default_factory=list)
+    """The soft best-of-N frontier of every steered weight setting (none without base samples)."""
 
     def family(self, name: str) -> list[MethodRow]:
         return [r for r in self.rows if r.method in (name, "base")]
@@ -400,14 +412,18 @@ def evaluate(
             calls = sum(g.calls for g in guides) - calls_before
             tokens = max(sum(g.completion_tokens for g in generations), 1)
             results.append(run("reward-guided", weights, generations, reward_calls=calls / tokens, seconds=seconds))
-    if settings.best_of:
-        largest = max(settings.best_of)
+    frontiers: list[Frontier] = []
+    if settings.best_of or settings.frontier_samples:
+        largest = max((*settings.best_of, settings.frontier_samples))
         candidate_rows = [(p, s * largest + j) for p, s in rows for j in range(largest)]
         zero = dict.fromkeys(objectives, 0.0)
         candidates, decode_s = decode(f"best-of-{largest} samples", zero, candidate_rows)
         cand_scores, score_s = score([p for p, _ in candidate_rows], candidates)
         z = {o: [(x - norm[o][0]) / norm[o][1] for x in cand_scores[o]] for o in objectives}
         utilities = [[sum(w[o] * z[o][c] for o in objectives) for c in range(len(candidates))] for w in grid[1:]]
+        by_row = {o: np.array(z[o]).reshape(len(rows), largest) for o in objectives}
+        for weights, utility in zip(grid[1:], utilities, strict=True):
+            frontiers.append(soft_best_of_n(np.array(utility).reshape(len(rows), largest), weights, by_row))
         for n in sorted(settings.best_of):
             share = n / largest  # of the candidate decode and scoring time this N would spend
             # KL of a best-of-n choice over its sampler is at most log n - (n-1)/n (Beirami et al.).
@@ -423,7 +439,15 @@ def evaluate(
                         seconds=(decode_s + score_s) * share, kl_bound=bound, oracle=True,
                     )
                 )  # fmt: skip
-    return _report(results, objectives, norm, row_prompt, len(prompts), settings, [*variants])
+    report = _report(results, objectives, norm, row_prompt, len(prompts), settings, [*variants])
+    report.frontiers = frontiers
+    for row in report.rows[1:]:
+        frontier = next((f for f in frontiers if f.weights == row.weights), None)
+        if frontier is not None:
+            at = frontier.gain_at(row.kl_topk)
+            gain = sum(w * row.gain_sd[o] for o, w in row.weights.items())
+            row.kl_efficiency = gain / at if at > 0 else math.nan
+    return report
 
 
 def _report(
@@ -625,15 +649,16 @@ def write_report(report: EvalReport, folder: str | Path, *, title: str = "MAVIS 
             for o in objectives
             for suffix in ("", "_low", "_high", "_gain_sd", "_gain_low", "_gain_high")
         ]
-        costs = ["kl", "kl_low", "kl_high", "kl_topk", "kl_topk_low", "kl_topk_high", "empty_rate", "degenerate_rate",
-                 "mean_tokens",
+        costs = ["kl", "kl_low", "kl_high", "kl_topk", "kl_topk_low", "kl_topk_high", "kl_efficiency", "empty_rate",
+                 "degenerate_rate", "mean_tokens",
                  "forwards_per_token", "reward_calls_per_token", "seconds_per_token", "tokens", "n"]  # fmt: skip
         writer.writerow(["method", "oracle", *(f"w_{o}" for o in objectives), *stats, *costs])
         for r in report.rows:
             writer.writerow(
                 [r.method, r.oracle, *(r.weights[o] for o in objectives)]
                 + [v for o in objectives for v in (r.reward[o], *r.reward_ci[o], r.gain_sd[o], *r.gain_ci[o])]
-                + [r.kl, *r.kl_ci, r.kl_topk, *r.kl_topk_ci, r.empty_rate, r.degenerate_rate, r.mean_tokens]
+                + [r.kl, *r.kl_ci, r.kl_topk, *r.kl_topk_ci, r.kl_efficiency, r.empty_rate, r.degenerate_rate]
+                + [r.mean_tokens]
                 + [r.forwards_per_token, r.reward_calls_per_token, r.seconds_per_token, r.tokens, r.n]
             )
     paths["json"].write_text(json.dumps(asdict(report), indent=2))
@@ -650,13 +675,80 @@ def write_report(report: EvalReport, folder: str | Path, *, title: str = "MAVIS 
                 _half_width(r.reward_ci[y]),
             )
             series.setdefault(r.label, []).append(point)
+        if report.frontiers:
+            series[f"soft best-of-{report.frontiers[0].n_samples} frontier"] = _frontier_points(report, x, y)
         try:
             paths["plot"] = save_fronts_plot(
                 series, out / "pareto.png", title=title, x_label=f"{x} reward", y_label=f"{y} reward"
             )
         except MissingExtraError as exc:  # the tables are written; only the picture needs the [eval] extra
             warnings.warn(f"pareto.png not written: {exc}", RuntimeWarning, stacklevel=2)
+    panels = _gain_panels(report)
+    if panels:
+        try:
+            paths["frontier_plot"] = save_gain_kl_plot(panels, out / "frontier.png", title=f"{title}: gain against KL")
+        except MissingExtraError as exc:
+            warnings.warn(f"frontier.png not written: {exc}", RuntimeWarning, stacklevel=2)
     return paths
+
+
+def _frontier_points(report: EvalReport, x: str, y: str) -> list[FrontPoint]:
+    """Every weight setting's frontier point at its reach, in raw rewards: the base row's mean
+    plus the frontier's gain over the base samples' mean, per objective."""
+    base = report.rows[0].reward
+    sd = {o: base[o] - ref for o, ref in zip(report.objectives, report.reference, strict=True)}
+    points = []
+    for f in report.frontiers:
+        z, start = f.rewards_at(f.reach), f.rewards[0]
+        label = f"{f.reach:.1f} nats" if f is report.frontiers[0] else ""
+        points.append(FrontPoint(label, base[x] + sd[x] * (z[x] - start[x]), base[y] + sd[y] * (z[y] - start[y])))
+    return points
+
+
+def _gain_panels(report: EvalReport) -> list[GainPanel]:
+    """Per objective with a one-objective frontier: its curve and each method's row at weight 1."""
+    panels = []
+    for frontier in report.frontiers:
+        ones = [o for o, w in frontier.weights.items() if w == 1.0]
+        if len(ones) != 1 or any(w for o, w in frontier.weights.items() if o != ones[0]):
+            continue
+        objective = ones[0]
+        curve = [(k, g) for k, g in zip(frontier.kl, frontier.gain, strict=True) if k <= frontier.reach]
+        points: dict[str, list[FrontPoint]] = {}
+        for r in report.rows:
+            if r.weights == frontier.weights:
+                low, high = r.gain_ci[objective]
+                x_err = _half_width(r.kl_topk_ci) if not math.isnan(r.kl_topk_ci[0]) else 0.0
+                y_err = (high - low) / 2 if not math.isnan(low) else 0.0
+                points.setdefault(r.label, []).append(FrontPoint("", r.kl_topk, r.gain_sd[objective], x_err, y_err))
+        panels.append(GainPanel(f"{objective} at weight 1", curve, points))
+    return panels
+
+
+def _efficiency(row: MethodRow) -> str:
+    if row.method == "base":
+        return ""
+    return "past reach" if math.isnan(row.kl_efficiency) else f"{row.kl_efficiency:.2f}"
+
+
+def _frontier_lines(report: EvalReport) -> list[str]:
+    """The frontier's gains at a few KLs for each one-objective setting, and what its reach is."""
+    singles = [f for f in report.frontiers if sorted(f.weights.values()) == [0.0] * (len(f.weights) - 1) + [1.0]]
+    if not singles:
+        return []
+    n = singles[0].n_samples
+    at = [kl for kl in (0.25, 0.5, 1.0, 2.0, 3.0, 4.0) if kl <= singles[0].reach]
+    lines = [
+        "",
+        f"Soft best-of-N frontier ({n} base samples per prompt and seed, reliable to log N − 1 = "
+        f"{singles[0].reach:.2f} nats of kl_topk); gain in base SD at each KL. 'gain / frontier' above is a "
+        "row's gain over the frontier's at the row's kl_topk ('past reach': beyond what N samples can show).",
+        "",
+    ]
+    for f in singles:
+        name = next(o for o, w in f.weights.items() if w == 1.0)
+        lines.append(f"- {name}: " + ", ".join(f"{kl:g} nats {f.gain_at(kl):+.2f}" for kl in at))
+    return lines
 
 
 def _half_width(ci: Interval) -> float:
@@ -681,9 +773,9 @@ def summary_markdown(report: EvalReport) -> str:
         lines[0] += f" {report.excluded_prompts} evaluation prompts that heads were trained on were skipped."
     lines += [
         "",
-        "| method | weights | " + " | ".join(objectives) + " | kl | kl_topk | empty | degenerate | EOS | tokens"
-        " | base fwd / token | reward calls / token | ms / token |",
-        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|---|---|---|---|---|",
+        "| method | weights | " + " | ".join(objectives) + " | kl | kl_topk | gain / frontier | empty | degenerate"
+        " | EOS | tokens | base fwd / token | reward calls / token | ms / token |",
+        "|---|---|" + "---|" * len(objectives) + "---|---|---|---|---|---|---|---|---|---|",
     ]
     flagged = [r for r in report.rows if report.degenerate_flag(r)]
     for r in report.rows:
@@ -695,12 +787,14 @@ def summary_markdown(report: EvalReport) -> str:
             f"| {r.label} | {weights_label(r.weights)} | "
             + " | ".join(cells)
             + f" | {r.kl:.2f} {_ci(r.kl_ci, sign='')} | {round(r.kl_topk, 2) + 0.0:.2f} {_ci(r.kl_topk_ci, sign='')}"
+            + f" | {_efficiency(r)}"
             + f" | {100 * r.empty_rate:.1f}% | {100 * r.degenerate_rate:.1f}%{' (!)' if r in flagged else ''}"
             + f" | {100 * r.eos_rate:.0f}%"
             + f" | {r.mean_tokens:.1f} {_ci(r.mean_tokens_ci, 1, '')}"
             + f" | {r.forwards_per_token:g}"
             + f" | {r.reward_calls_per_token:.2f} | {1000 * r.seconds_per_token:.1f} |"
         )
+    lines += _frontier_lines(report)
     reference = ", ".join(f"{o} {v:+.3f}" for o, v in zip(objectives, report.reference, strict=True))
     lines += ["", f"Hypervolume (reference point: the base row minus one base SD, {reference}):", ""]
     lines += [

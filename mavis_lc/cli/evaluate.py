@@ -27,6 +27,10 @@ def eval_command(
     seeds: Annotated[int, typer.Option(help="Samples per prompt.")] = 2,
     grid_steps: Annotated[int, typer.Option(help="Weights per objective in [0, 1] (5: 0, 0.25, ..., 1).")] = 5,
     best_of: Annotated[str, typer.Option(help="Best-of-N baselines, e.g. 2,4,8; empty for none.")] = "2,4,8",
+    frontier_samples: Annotated[
+        int,
+        typer.Option(help="Base samples per prompt for the soft best-of-N frontier (0: the largest best-of N)."),
+    ] = 0,
     beta: Annotated[float, typer.Option(help="MAVIS guidance strength.")] = 2.0,
     top_k: Annotated[int, typer.Option(help="Candidate next tokens per step.")] = 20,
     max_tokens: Annotated[int, typer.Option(help="Most new tokens per response.")] = 48,
@@ -96,7 +100,7 @@ def eval_command(
         settings = EvalSettings(
             grid_steps=grid_steps, seeds=seeds, best_of=ns, beta=beta, top_k=top_k, max_tokens=max_tokens,
             batch_size=batch_size, reward_guided=reward_guided, min_tokens=min_tokens,
-            bootstrap_resamples=bootstrap_resamples,
+            bootstrap_resamples=bootstrap_resamples, frontier_samples=frontier_samples,
         )  # fmt: skip
         load = load_options(dtype, revision, attn_implementation)
         engine = get_engine(base_model, head, **load)

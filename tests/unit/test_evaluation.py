@@ -140,6 +140,23 @@ def test_sweep_and_best_of_n(tiny_model_dir: Path, head_paths: list[str], tmp_pa
     markdown = paths["markdown"].read_text()
     assert "| best-of-4 (oracle reward) |" in markdown and "Hypervolume" in markdown
     assert "mavis − best-of-4: hypervolume" in markdown
+    assert paths["frontier_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Soft best-of-N frontier (4 base samples per prompt and seed" in markdown
+
+    # The frontier of each steered setting comes from the best-of-4 candidates; a row's efficiency
+    # is its weighted gain over the frontier's at its kl_topk, or NaN past the frontier's reach.
+    assert [f.weights for f in report.frontiers] == [r.weights for r in report.rows if r.method == "mavis"]
+    assert all(f.n_samples == 4 for f in report.frontiers)
+    for r in report.rows[1:]:
+        frontier = next(f for f in report.frontiers if f.weights == r.weights)
+        at = frontier.gain_at(r.kl_topk)
+        if math.isnan(at) or at <= 0:
+            assert math.isnan(r.kl_efficiency)
+        else:
+            gain = sum(w * r.gain_sd[o] for o, w in r.weights.items())
+            assert r.kl_efficiency == pytest.approx(gain / at)
+    # Best-of-2 spends log 2 - 1/2 = 0.19 nats, within the reach of 4 samples (0.39).
+    assert not math.isnan(row("best-of-2", 1.0).kl_efficiency)
 
 
 def test_best_of_n_keeps_the_candidate_with_the_highest_weighted_score(
