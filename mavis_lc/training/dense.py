@@ -92,12 +92,23 @@ class DenseLabels:
 
 def select_states(rollouts: TreeRollouts, max_states: int, seed: int) -> torch.Tensor:
     """The rollout tokens whose states are labelled: all of them when there are at most
-    ``max_states`` (0: all), else ``max_states`` drawn without replacement, ascending."""
+    ``max_states`` (0: all), else every expanded branch state (the first token of its first
+    forced child: the sibling actions' shared state, where Φ can be compared with the Monte
+    Carlo differences) and the rest of ``max_states`` drawn without replacement, ascending."""
     total = int(rollouts.tokens.numel())
     if max_states <= 0 or total <= max_states:
         return torch.arange(total)
+    forced = torch.nonzero(rollouts.node_forced).squeeze(1)
+    branch: dict[int, int] = {}
+    for node in forced.tolist():
+        branch.setdefault(int(rollouts.node_parent[node]), int(rollouts.node_start[node]))
+    kept = torch.tensor(sorted(branch.values()), dtype=torch.long)[:max_states]
+    rest = torch.ones(total, dtype=torch.bool)
+    rest[kept] = False
+    pool = torch.nonzero(rest).squeeze(1)
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(total, generator=generator)[:max_states].sort().values
+    drawn = pool[torch.randperm(pool.numel(), generator=generator)[: max_states - kept.numel()]]
+    return torch.cat([kept, drawn]).sort().values
 
 
 def label_states(
@@ -228,12 +239,40 @@ def fit_dense(
         prediction = _predict_tokens(head, rollouts, val_tokens)
     within = StateMetrics(rollouts, token_target, measured)(val_tokens, prediction)
     agreement = phi_agreement(head, labels[-1:], mean, std, config)
+    prefix = StateMetrics(rollouts, token_target, measured)(*_phi_of_actions(rollouts, labels[-1][1], mean, std))
     return {
         **{f"residual_{name}": value for name, value in residual.metrics.items()},
         **phi_metrics,
         **within,
         "combined_phi_corr": agreement,
+        "prefix_sibling_corr": prefix["sibling_corr"],
+        "prefix_sibling_pairs": prefix["sibling_pairs"],
     }
+
+
+def _phi_of_actions(
+    rollouts: TreeRollouts, labels: DenseLabels, mean: float, std: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens taken in labelled states and their normalised Φ(s ⊕ a_t), read from the labels:
+    each token itself, and at an expanded branch state every sibling's first token (they share
+    the state). With `StateMetrics`, how well the prefix reward alone predicts the Monte Carlo
+    differences between sibling actions (``prefix_sibling_corr``)."""
+    labelled = {int(t): row for row, t in enumerate(labels.token_index.tolist())}
+    token_node = rollouts.token_node()
+    index: list[int] = []
+    value: list[float] = []
+    siblings: dict[int, list[int]] = {}
+    for node in torch.nonzero(rollouts.node_forced).squeeze(1).tolist():
+        siblings.setdefault(int(rollouts.node_parent[node]), []).append(int(rollouts.node_start[node]))
+    for t, row in labelled.items():
+        node = int(token_node[t])
+        shared = siblings.get(int(rollouts.node_parent[node]), []) if bool(rollouts.node_forced[node]) else []
+        for token in shared if t in shared else [t]:
+            hit = torch.nonzero(labels.candidates[row] == rollouts.tokens[token]).squeeze(1)
+            if hit.numel():
+                index.append(token)
+                value.append((float(labels.phi[row, int(hit[0])]) - mean) / std)
+    return torch.tensor(index, dtype=torch.long), torch.tensor(value, dtype=torch.float64)
 
 
 def fit_phi(

@@ -80,10 +80,15 @@ def test_every_candidate_is_labelled_with_the_prefix_reward(
         for j, a in enumerate(labels.candidates[t].tolist()):
             text = base.tokenizer.decode(prefix if a in eos else [*prefix, a], skip_special_tokens=True)
             assert float(labels.phi[t, j]) == pytest.approx(vowel_share([], [text])[0])
-    # A budget draws that many states, the same ones for the same seed.
-    drawn = select_states(rollouts, 7, seed=3)
-    assert drawn.numel() == 7 and drawn.tolist() == sorted(set(drawn.tolist()))
-    assert torch.equal(drawn, select_states(rollouts, 7, seed=3))
+    # A budget draws that many states, the same ones for the same seed, every expanded branch
+    # state (its first forced child's first token) among them.
+    branch = {int(rollouts.node_parent[n]) for n in torch.nonzero(rollouts.node_forced).squeeze(1).tolist()}
+    firsts = {int(rollouts.node_start[torch.nonzero(rollouts.node_parent == b).squeeze(1)[0]]) for b in branch}
+    budget = len(firsts) + 5
+    drawn = select_states(rollouts, budget, seed=3)
+    assert drawn.numel() == budget and drawn.tolist() == sorted(set(drawn.tolist())) and firsts <= set(drawn.tolist())
+    assert torch.equal(drawn, select_states(rollouts, budget, seed=3))
+    assert not torch.equal(drawn, select_states(rollouts, budget, seed=4))
 
 
 def test_the_phi_part_learns_a_per_token_prefix_reward(
@@ -119,6 +124,9 @@ def test_the_saved_head_is_phi_part_plus_residual(
     assert not head.token_bias.requires_grad
     for name in ("phi_corr", "combined_phi_corr", "sibling_corr", "within_prompt_r2", "residual_val_mse"):
         assert name in metrics
+    # The prefix reward itself, read at every expanded candidate, against the Monte Carlo differences.
+    assert metrics["prefix_sibling_pairs"] == metrics["sibling_pairs"] > 0
+    assert -1.0 <= metrics["prefix_sibling_corr"] <= 1.0
     assert metrics["combined_phi_corr"] > 0.5
 
 
