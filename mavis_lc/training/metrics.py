@@ -128,6 +128,13 @@ def _within_group_r2(prediction: torch.Tensor, target: torch.Tensor, group: torc
     return 1.0 - residual / spread if spread > 0 else math.nan
 
 
+def candidate_ceiling(rollouts: TreeRollouts, token_target: torch.Tensor) -> tuple[float, int]:
+    """``candidate_noise_ceiling`` and its pair count over every tree of ``rollouts`` (a property
+    of the trees and targets, not of a fit: all prompts count, not only the held-out ones)."""
+    everything = torch.ones(len(rollouts.prompts), dtype=torch.bool)
+    return _candidate_ceiling(rollouts, branch_states(rollouts, everything), token_target.double())
+
+
 def _candidate_ceiling(
     rollouts: TreeRollouts, children: dict[int, list[int]], token_target: torch.Tensor
 ) -> tuple[float, int]:

@@ -43,6 +43,7 @@ from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.dense import DenseLabels, fit_dense, label_states
 from mavis_lc.training.files import write_atomic
 from mavis_lc.training.fit import fit_separate_backbone, fit_shared_head, fit_shared_head_averaged, fit_side_branch
+from mavis_lc.training.metrics import candidate_ceiling
 from mavis_lc.training.prompts import format_prompts, load_prompts
 from mavis_lc.training.rollouts import TreeRollouts, sample_trees
 from mavis_lc.training.targets import TreeTargets, compute_targets, reward_stats, score_leaves
@@ -449,7 +450,10 @@ def _rollout_stats(rollouts: TreeRollouts, targets: TreeTargets) -> dict[str, fl
                 total[node] += total[parent]
         return total[leaves]
 
+    ceiling, pairs = candidate_ceiling(rollouts, targets.token_target)
     return {
+        "trees_candidate_noise_ceiling": ceiling,
+        "trees_candidate_ceiling_pairs": float(pairs),
         "rollout_tokens": float(rollouts.tokens.numel()),
         "leaves": float(leaves.numel()),
         "mean_reward": float(targets.leaf_reward[leaves].mean()),
