@@ -179,6 +179,14 @@ class TrainingConfig:
             "targets); other objectives and architectures learn from the leaves alone."
         },
     )
+    residual_contrast: bool = field(
+        default=True,
+        metadata={
+            "help": "Dense fit: the residual (fitted on Monte Carlo targets) may differ between a state's candidates "
+            "through its projection (its per-token biases stay zero); False: it only sets each state's level, and "
+            "the tilt is the Phi-part's alone."
+        },
+    )
     dense_max_states: int = field(
         default=8192,
         metadata={

@@ -225,6 +225,10 @@ def fit_dense(
         taken = _predict_tokens(phi_head, rollouts, torch.arange(rollouts.tokens.numel()))  # (T,)
     residual_head = _zero_like(head)
     residual_head.token_bias.requires_grad_(False)
+    if not config.residual_contrast:  # only the state value: nothing that differs between candidates
+        residual_head.proj.requires_grad_(False)
+        if residual_head.prompt_proj is not None:
+            residual_head.prompt_proj.requires_grad_(False)
     residual = fit_shared_head_averaged(
         residual_head, rollouts, token_target.float() - taken, config, should_cancel=should_cancel
     )

@@ -153,3 +153,24 @@ def test_training_labels_densely_only_objectives_that_score_prefixes(config: Tra
     assert "dense_reward_calls" not in leaves_only.iterations[0].metrics
     off = train_objective(replace(config, dense_labels=False, n_iterations=1), workdir=tmp_path / "off")
     assert "phi_corr" not in off.iterations[0].metrics
+
+
+def test_without_residual_contrast_the_tilt_is_the_phi_parts(
+    base: BaseModel, config: TrainingConfig, rollouts: TreeRollouts
+) -> None:
+    labels = label_states(rollouts, objective(), base, prompts=PROMPTS, config=config)
+    leaf_reward = score_leaves(rollouts, objective(), base.tokenizer, prompts=PROMPTS)
+    mean, std = reward_stats(leaf_reward)
+    targets = compute_targets(rollouts, leaf_reward, reward_mean=mean, reward_std=std, zeta=0.0)
+    level_only = replace(config, residual_contrast=False)
+    head = new_shared_head(base, "vowel_share", reward_mean=mean, reward_std=std)
+    fit_dense(head, rollouts, targets.token_target, [(rollouts, labels)], level_only)
+    phi = new_shared_head(base, "vowel_share", reward_mean=mean, reward_std=std)
+    phi.requires_grad_(True)
+    fit_phi(phi, [(rollouts, labels)], mean, std, level_only)
+    for name in ("proj.weight", "proj.bias", "token_bias"):
+        assert torch.equal(head.state_dict()[name], phi.state_dict()[name]), name
+    assert not torch.equal(head.state_value.bias, phi.state_value.bias)  # the residual set the levels
+    hidden, candidates = rollouts.hidden[:5], labels.candidates[:5]
+    q, q_phi = head.q_values(hidden, candidates), phi.q_values(hidden, candidates)
+    torch.testing.assert_close(q - q.mean(1, keepdim=True), q_phi - q_phi.mean(1, keepdim=True))
