@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = ("shared_q_head", "side_branch", "separate_backbone")
 SELECTION_METRICS = ("within_prompt_r2", "sibling_corr", "val_mse")
+PHI_LOSSES = ("listwise", "centred")
 
 # Fields that change where or how fast a run computes, never what it computes.
 _RUNTIME_FIELDS = frozenset({"device", "rollout_cache_dir", "reward_batch_size"})
@@ -180,11 +181,19 @@ class TrainingConfig:
         },
     )
     residual_contrast: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Dense fit: the residual (fitted on Monte Carlo targets) may differ between a state's candidates "
             "through its projection (its per-token biases stay zero); False: it only sets each state's level, and "
             "the tilt is the Phi-part's alone."
+        },
+    )
+    phi_loss: str = field(
+        default="centred",
+        metadata={
+            "help": "Dense fit's loss on the prefix-reward labels: listwise (cross-entropy from softmax(log pi_ref^k + "
+            "beta * Phi) to softmax(log pi_ref^k + beta * Q): distils reward-guided search at the decoding beta) or "
+            "centred (MSE of Q against Phi, both centred over each state's candidates)."
         },
     )
     dense_max_states: int = field(
@@ -319,6 +328,8 @@ class TrainingConfig:
             raise ConfigurationError(f"min_response_tokens must be an integer >= 0, got {self.min_response_tokens!r}")
         if self.min_response_tokens < 0:
             raise ConfigurationError(f"min_response_tokens must be an integer >= 0, got {self.min_response_tokens!r}")
+        if self.phi_loss not in PHI_LOSSES:
+            raise ConfigurationError(f"phi_loss {self.phi_loss!r} is not allowed; allowed: {', '.join(PHI_LOSSES)}")
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigurationError(
                 f"selection_metric {self.selection_metric!r} is not allowed; allowed: {', '.join(SELECTION_METRICS)}"

@@ -45,7 +45,13 @@ from mavis_lc.errors import TrainingCancelled
 from mavis_lc.objectives import Objective
 from mavis_lc.training.config import TrainingConfig
 from mavis_lc.training.files import write_atomic
-from mavis_lc.training.fit import FitProgress, _param_groups, fit_shared_head_averaged, split_prompts
+from mavis_lc.training.fit import (
+    FitProgress,
+    _param_groups,
+    fit_shared_head_averaged,
+    listwise_cross_entropy,
+    split_prompts,
+)
 from mavis_lc.training.metrics import StateMetrics
 from mavis_lc.training.rollouts import TreeRollouts
 from mavis_lc.value_models import SharedBackboneQHead
@@ -289,17 +295,25 @@ def fit_phi(
     progress: FitProgress | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """Regress ``head`` on the normalised Φ of every candidate of the labelled states (MSE of Q
-    against Φ, both centred over each state's candidates: the within-state differences the tilt
-    uses), prompts split as `split_prompts`; the epoch with the best
-    held-out ``phi_corr`` is kept (the correlation of Q with Φ after removing each state's mean
-    from both: agreement on what the tilt uses). Returns ``phi_corr``, ``phi_within_r2``,
-    ``phi_states`` and the epochs run."""
+    """Fit ``head`` to the normalised Φ of every candidate of the labelled states, prompts split
+    as `split_prompts`, with the loss ``config.phi_loss``:
+
+    - ``listwise``: the cross-entropy from ``softmax(log pi_ref^k + beta·Φ)`` (reward-guided
+      search's distribution at the decoding beta) to ``softmax(log pi_ref^k + beta·Q)`` over each
+      state's candidates: distillation of that search, weighting the candidates as decoding does;
+      the epoch kept has the lowest held-out ``phi_kl``, the mean KL between the two;
+    - ``centred``: the MSE of Q against Φ, both centred over each state's candidates; the epoch
+      kept has the best held-out ``phi_corr``.
+
+    Returns ``phi_corr`` (the within-state correlation of Q with Φ), ``phi_within_r2``,
+    ``phi_kl``, ``phi_states`` and the epochs run."""
     data = _PhiData.of(labels, reward_mean, reward_std, config, head.proj.weight.device)
     optimizer = torch.optim.AdamW(
         _param_groups(head, config), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     generator = torch.Generator().manual_seed(config.seed)
+    listwise = config.phi_loss == "listwise"
+    beta = config.beta if config.beta > 0 else 1.0
     best, best_state, stale, epochs_run = -math.inf, copy.deepcopy(head.state_dict()), 0, 0
     head.train()
     for epoch in range(1, config.epochs + 1):
@@ -307,24 +321,32 @@ def fit_phi(
             if should_cancel is not None and should_cancel():
                 raise TrainingCancelled("fit cancelled")
             q, y = data.predict(head, batch), data.target[batch]  # (n, k) each
-            # Within-state differences only: the tilt ignores a state's level (the residual fit sets it).
-            loss = nn.functional.mse_loss(q - q.mean(1, keepdim=True), y - y.mean(1, keepdim=True))
+            if listwise:
+                real = torch.ones_like(q, dtype=torch.bool)
+                loss = listwise_cross_entropy(q, y, data.ref_log_prob[batch], real, beta)
+            else:  # within-state differences only: the tilt ignores a state's level
+                loss = nn.functional.mse_loss(q - q.mean(1, keepdim=True), y - y.mean(1, keepdim=True))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         epochs_run = epoch
-        score = data.agreement(head)
+        score = data.agreement(head, beta)
         if progress is not None:
-            progress(epoch, config.epochs, {"phi_corr": score["phi_corr"]})
-        if score["phi_corr"] > best:
-            best, best_state, stale = score["phi_corr"], copy.deepcopy(head.state_dict()), 0
+            progress(epoch, config.epochs, {"phi_corr": score["phi_corr"], "phi_kl": score["phi_kl"]})
+        value = -score["phi_kl"] if listwise else score["phi_corr"]
+        if value > best:
+            best, best_state, stale = value, copy.deepcopy(head.state_dict()), 0
         else:
             stale += 1
             if stale >= config.patience:
                 break
     head.load_state_dict(best_state)
     head.eval()
-    return {**data.agreement(head), "phi_states": float(data.target.shape[0]), "phi_epochs_run": float(epochs_run)}
+    return {
+        **data.agreement(head, beta),
+        "phi_states": float(data.target.shape[0]),
+        "phi_epochs_run": float(epochs_run),
+    }
 
 
 def phi_agreement(
@@ -338,7 +360,7 @@ def phi_agreement(
     if not labels or all(lab.phi.numel() == 0 for _, lab in labels):
         return math.nan
     data = _PhiData.of(labels, reward_mean, reward_std, config, head.proj.weight.device)
-    return data.agreement(head)["phi_corr"]
+    return data.agreement(head, config.beta if config.beta > 0 else 1.0)["phi_corr"]
 
 
 @dataclass
@@ -348,6 +370,7 @@ class _PhiData:
     hidden: torch.Tensor  # (S, d)
     prompt_hidden: torch.Tensor  # (S, d)
     candidates: torch.Tensor  # (S, k)
+    ref_log_prob: torch.Tensor  # (S, k) log pi_ref^k
     target: torch.Tensor  # (S, k) normalised Φ
     train: torch.Tensor  # (S_train,) state indices
     val: torch.Tensor  # (S_val,) state indices
@@ -362,13 +385,14 @@ class _PhiData:
         config: TrainingConfig,
         device: torch.device,
     ) -> _PhiData:
-        hidden, prompt_hidden, candidates, target, is_val = [], [], [], [], []
+        hidden, prompt_hidden, candidates, ref_log_prob, target, is_val = [], [], [], [], [], []
         for rollouts, lab in labels:
             prompt = rollouts.node_prompt[rollouts.token_node()[lab.token_index]]  # (S,)
             held_out = torch.tensor(split_prompts(len(rollouts.prompts), config.val_fraction, config.seed))
             hidden.append(rollouts.hidden[lab.token_index])
             prompt_hidden.append(rollouts.prompt_hidden[prompt])
             candidates.append(lab.candidates)
+            ref_log_prob.append(lab.ref_log_prob)
             target.append(((lab.phi - mean) / std).float())
             is_val.append(held_out[prompt])
         val_mask = torch.cat(is_val)
@@ -378,6 +402,7 @@ class _PhiData:
             hidden=torch.cat(hidden).to(device),
             prompt_hidden=torch.cat(prompt_hidden).to(device),
             candidates=torch.cat(candidates).to(device),
+            ref_log_prob=torch.cat(ref_log_prob).float().to(device),
             target=torch.cat(target).to(device),
             train=torch.nonzero(~torch.cat(is_val)).squeeze(1),
             val=torch.nonzero(val_mask).squeeze(1),
@@ -391,11 +416,18 @@ class _PhiData:
     def batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
         yield from self.train[torch.randperm(self.train.numel(), generator=generator)].split(self.batch_states)
 
-    def agreement(self, head: SharedBackboneQHead) -> dict[str, float]:
+    def agreement(self, head: SharedBackboneQHead, beta: float) -> dict[str, float]:
+        """On the held-out states: ``phi_corr`` and ``phi_within_r2`` of Q against Φ within
+        states, and ``phi_kl``, the mean KL from softmax(log pi_ref^k + beta·Φ) to
+        softmax(log pi_ref^k + beta·Q) (0: the head decodes as reward-guided search would)."""
         with torch.no_grad():
             q = torch.cat([self.predict(head, b) for b in self.val.split(2048)]) if self.val.numel() else None
         if q is None:
-            return {"phi_corr": math.nan, "phi_within_r2": math.nan}
+            return {"phi_corr": math.nan, "phi_within_r2": math.nan, "phi_kl": math.nan}
+        prior = self.ref_log_prob[self.val].double()
+        wanted = torch.log_softmax(prior + beta * self.target[self.val].double(), dim=-1)
+        given = torch.log_softmax(prior + beta * q.double(), dim=-1)
+        kl = float((wanted.exp() * (wanted - given)).sum(-1).mean())
         y = self.target[self.val].double()
         q = q.double()
         qc, yc = q - q.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
@@ -403,7 +435,7 @@ class _PhiData:
         corr = float((qc * yc).sum()) / denominator if denominator > 0 else math.nan
         spread = float(yc.square().sum())
         r2 = 1 - float((qc - yc).square().sum()) / spread if spread > 0 else math.nan
-        return {"phi_corr": corr, "phi_within_r2": r2}
+        return {"phi_corr": corr, "phi_within_r2": r2, "phi_kl": kl}
 
 
 def _predict_tokens(head: SharedBackboneQHead, rollouts: TreeRollouts, index: torch.Tensor) -> torch.Tensor:
