@@ -88,7 +88,7 @@ def make_plan(fast: bool) -> QuickstartPlan:
         alias,
         training,
         n_train,
-        eval_prompts=8,
+        eval_prompts=24,
         beta=defaults.beta,
         max_tokens=defaults.leaf_completion_tokens,
         eval_seeds=2 if fast else 3,
