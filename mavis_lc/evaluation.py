@@ -787,7 +787,7 @@ def summary_markdown(report: EvalReport) -> str:
             f"| {r.label} | {weights_label(r.weights)} | "
             + " | ".join(cells)
             + f" | {r.kl:.2f} {_ci(r.kl_ci, sign='')} | {round(r.kl_topk, 2) + 0.0:.2f} {_ci(r.kl_topk_ci, sign='')}"
-            + f" | {_efficiency(r)}"
+            + f" | {_efficiency(r) if report.frontiers else 'no samples'}"
             + f" | {100 * r.empty_rate:.1f}% | {100 * r.degenerate_rate:.1f}%{' (!)' if r in flagged else ''}"
             + f" | {100 * r.eos_rate:.0f}%"
             + f" | {r.mean_tokens:.1f} {_ci(r.mean_tokens_ci, 1, '')}"
