@@ -190,7 +190,12 @@ def fit_shared_head(
         return loss
 
     states = StateMetrics(rollouts, token_target, measured)
-    return _train(head, batches, loss_of, train_idx, val_idx, evaluate, states, config, progress, should_cancel)
+    # A warm start (iteration >= 1) competes as epoch 0: it is kept when no epoch beats it.
+    warm = any(bool(p.detach().abs().sum() > 0) for p in head.parameters())
+    return _train(
+        head, batches, loss_of, train_idx, val_idx, evaluate, states, config, progress, should_cancel,
+        measure_start=warm,
+    )  # fmt: skip
 
 
 def fit_shared_head_averaged(

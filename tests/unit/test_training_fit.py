@@ -79,6 +79,17 @@ def test_fit_keeps_the_best_epoch_and_stops_early(base: BaseModel) -> None:
     assert result.metrics["val_mse"] == pytest.approx(result.history[best - 1]["val_mse"], rel=1e-5)
 
 
+def test_a_warm_start_that_no_epoch_beats_is_kept(base: BaseModel) -> None:
+    rollouts, target = tree_data(base)
+    head = new_shared_head(base, "obj")
+    fit_shared_head(head, rollouts, target, replace(CONFIG, selection_metric="val_mse"))
+    warm = {name: p.detach().clone() for name, p in head.named_parameters()}
+    # A learning rate that only makes things worse: every epoch loses to the warm start (epoch 0).
+    result = fit_shared_head(head, rollouts, target, replace(CONFIG, learning_rate=30.0, selection_metric="val_mse"))
+    assert result.metrics["best_epoch"] == 0
+    assert all(torch.equal(p, warm[name]) for name, p in head.named_parameters())
+
+
 @pytest.mark.parametrize(("metric", "better"), [("within_prompt_r2", max), ("sibling_corr", max), ("val_mse", min)])
 def test_fit_selects_the_epoch_best_on_the_selection_metric(base: BaseModel, metric: str, better: Any) -> None:
     rollouts, target = tree_data(base)
