@@ -18,7 +18,7 @@ from mavis_lc import ChatMavis, EngineBusyError, MavisLLM
 from mavis_lc.base_model import BaseModel, load_base_model
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder, RowOptions, StreamStep
 from mavis_lc.decoding.grammar import Grammar
-from mavis_lc.decoding.scheduler import BatchScheduler
+from mavis_lc.decoding.scheduler import BatchScheduler, _collect
 from mavis_lc.errors import DecodingParameterError, UnknownObjectiveError
 from mavis_lc.value_models import load_value_model
 from tests.tiny import save_random_heads
@@ -327,7 +327,7 @@ def test_randomised_mixes_of_requests_each_equal_their_solo_decode(decoder: Mavi
         try:
             stream = scheduler.stream(r.prompts, r.weights, r.config, r.seeds, r.grammars, r.row_options)
             if r.how == "sync":
-                done[i] = _collect_steps(stream)
+                done[i] = _collect(stream)
             else:
                 for _ in zip(range(r.cancel_after), stream, strict=False):
                     pass
@@ -339,7 +339,7 @@ def test_randomised_mixes_of_requests_each_equal_their_solo_decode(decoder: Mavi
         async def one(i: int, r: _Mixed) -> None:
             stream = scheduler.astream(r.prompts, r.weights, r.config, r.seeds, r.grammars, r.row_options)
             if r.how == "async":
-                done[i] = _collect_steps(iter([s async for s in stream]))
+                done[i] = _collect(iter([s async for s in stream]))
                 return
             seen = 0
             async for _ in stream:
@@ -388,12 +388,3 @@ def test_randomised_mixes_of_requests_each_equal_their_solo_decode(decoder: Mavi
 def _resolved(r: _Mixed) -> list[DecodeConfig]:
     options = r.row_options or [RowOptions()] * len(r.prompts)
     return [o.resolve(r.config) for o in options]
-
-
-def _collect_steps(steps: Iterator[StreamStep]) -> list[Generation]:
-    results: dict[int, Generation] = {}
-    for step in steps:
-        for b, finished in enumerate(step.finished):
-            if finished is not None:
-                results[b] = finished
-    return [results[b] for b in sorted(results)]

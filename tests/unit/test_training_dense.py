@@ -15,7 +15,7 @@ from mavis_lc.training import TrainingConfig, train_objective
 from mavis_lc.training.dense import DenseLabels, fit_dense, fit_phi, label_states, select_states
 from mavis_lc.training.fit import _param_groups
 from mavis_lc.training.rollouts import TreeRollouts, sample_trees
-from mavis_lc.training.targets import compute_targets, reward_stats, score_leaves
+from mavis_lc.training.targets import TreeTargets, compute_targets, reward_stats, score_leaves
 from mavis_lc.value_models import new_shared_head
 
 PROMPTS = ["I love cats", "awful rain", "Tell me a story", "Numbers 1 2", "Hi there", "sunny days"]
@@ -52,6 +52,16 @@ def rollouts(base: BaseModel, config: TrainingConfig) -> TreeRollouts:
 
 def objective() -> Objective:
     return CallableObjective(f"{__name__}:vowel_share", prefix_scoring=True)
+
+
+def labelled(
+    base: BaseModel, config: TrainingConfig, rollouts: TreeRollouts
+) -> tuple[DenseLabels, TreeTargets, float, float]:
+    """The trees' dense labels, their iteration-0 targets and the reward statistics."""
+    labels = label_states(rollouts, objective(), base, prompts=PROMPTS, config=config)
+    leaf_reward = score_leaves(rollouts, objective(), base.tokenizer, prompts=PROMPTS)
+    mean, std = reward_stats(leaf_reward)
+    return labels, compute_targets(rollouts, leaf_reward, reward_mean=mean, reward_std=std, zeta=0.0), mean, std
 
 
 def test_every_candidate_is_labelled_with_the_prefix_reward(
@@ -110,10 +120,7 @@ def test_the_phi_part_learns_a_per_token_prefix_reward(
 def test_the_saved_head_is_phi_part_plus_residual(
     base: BaseModel, config: TrainingConfig, rollouts: TreeRollouts
 ) -> None:
-    labels = label_states(rollouts, objective(), base, prompts=PROMPTS, config=config)
-    leaf_reward = score_leaves(rollouts, objective(), base.tokenizer, prompts=PROMPTS)
-    mean, std = reward_stats(leaf_reward)
-    targets = compute_targets(rollouts, leaf_reward, reward_mean=mean, reward_std=std, zeta=0.0)
+    labels, targets, mean, std = labelled(base, config, rollouts)
     head = new_shared_head(base, "vowel_share", reward_mean=mean, reward_std=std)
     metrics = fit_dense(head, rollouts, targets.token_target, [(rollouts, labels)], config)
     phi = new_shared_head(base, "vowel_share", reward_mean=mean, reward_std=std)
@@ -158,10 +165,7 @@ def test_training_labels_densely_only_objectives_that_score_prefixes(config: Tra
 def test_without_residual_contrast_the_tilt_is_the_phi_parts(
     base: BaseModel, config: TrainingConfig, rollouts: TreeRollouts
 ) -> None:
-    labels = label_states(rollouts, objective(), base, prompts=PROMPTS, config=config)
-    leaf_reward = score_leaves(rollouts, objective(), base.tokenizer, prompts=PROMPTS)
-    mean, std = reward_stats(leaf_reward)
-    targets = compute_targets(rollouts, leaf_reward, reward_mean=mean, reward_std=std, zeta=0.0)
+    labels, targets, mean, std = labelled(base, config, rollouts)
     level_only = replace(config, residual_contrast=False)
     head = new_shared_head(base, "vowel_share", reward_mean=mean, reward_std=std)
     fit_dense(head, rollouts, targets.token_target, [(rollouts, labels)], level_only)
