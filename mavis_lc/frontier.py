@@ -1,4 +1,4 @@
-"""The limit to measure steering against: the soft best-of-N frontier (DESIGN.md §1.6).
+"""The limit to measure steering against: the soft best-of-N frontier.
 
 For a reward R and base pi_ref, the KL-regularised optimum ``pi_beta ∝ pi_ref · exp(beta · R)``
 has the best expected reward for its KL from pi_ref. From N samples of the base per prompt it

@@ -1,4 +1,4 @@
-"""Dense labels from prefix rewards, and the shared head fitted as Φ-part + residual (DESIGN.md §1.5).
+"""Dense labels from prefix rewards, and the shared head fitted as Φ-part + residual.
 
 An objective that can score a partial response (`Objective.prefix_scoring`) gives, for a state
 s (prompt and response so far) and each candidate a of the base's top-k there, the exact label
