@@ -146,10 +146,15 @@ def _train_or_reuse(
             parents=[parent.id] if parent is not None else [],
         )
         fit = {name: it.metrics.get(name, float("nan")) for name in ("within_prompt_r2", "sibling_corr", "r2")}
+        third = (
+            f"agreement with the prefix reward {it.metrics['phi_corr']:.3f}"
+            if "phi_corr" in it.metrics
+            else f"pooled R² {fit['r2']:.3f}"
+        )
         out.print(
             f"{objective}: registered version {parent.version} (iteration {it.iteration}; validation: "
             f"within-prompt R² {fit['within_prompt_r2']:.3f}, sibling-difference corr {fit['sibling_corr']:.3f}, "
-            f"pooled R² {fit['r2']:.3f})"
+            f"{third})"
         )
     assert parent is not None
     registry.set_alias(objective, plan.alias, parent.version)
