@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import random
 import threading
 from pathlib import Path
@@ -79,6 +80,7 @@ def test_rounds_of_mixed_calls_lose_nothing_and_leak_nothing(
         rss.append(_rss_kib())
     get_settings.cache_clear()
     print(f"soak: 4 rounds x 20 calls; threads after each round {threads}; RSS KiB {rss}")
-    # After a warm-up round the process holds what it needs: no thread per call, no growth per round.
-    assert threads[1:] == [threads[1]] * 3, threads
+    # No thread per call and no growth per round after the first, which starts the engine's
+    # scheduler and noise workers (threads other tests left behind may end meanwhile, never start).
+    assert all(b <= a for a, b in itertools.pairwise(threads)), threads
     assert rss[-1] - rss[1] < 32 * 1024, rss  # KiB
