@@ -247,9 +247,10 @@ def fit_dense(
     val_tokens = torch.nonzero(measured[token_prompt]).squeeze(1)
     with torch.no_grad():
         prediction = _predict_tokens(head, rollouts, val_tokens)
-    within = StateMetrics(rollouts, token_target, measured)(val_tokens, prediction)
+    states = StateMetrics(rollouts, token_target, measured)
+    within = states(val_tokens, prediction)
     agreement = phi_agreement(head, labels[-1:], mean, std, config)
-    prefix = StateMetrics(rollouts, token_target, measured)(*_phi_of_actions(rollouts, labels[-1][1], mean, std))
+    prefix = states(*_phi_of_actions(rollouts, labels[-1][1], mean, std))
     return {
         **{f"residual_{name}": value for name, value in residual.metrics.items()},
         **phi_metrics,

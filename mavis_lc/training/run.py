@@ -181,16 +181,17 @@ def train_objective(
                     "rollout_tokens_per_s": rollouts.tokens.numel() / seconds,
                 }
                 rollouts.save(path)
-            # 2. rewards and targets
+            # 2. rewards and targets, read by the objective on the raw prompts of these trees
+            tree_prompts = raw_prompts[rollouts.first_prompt : rollouts.first_prompt + len(rollouts.prompts)]
             targets = _targets_stage(
-                folder / f"targets-{iteration}.safetensors", rollouts, objective, base, raw_prompts, config,
+                folder / f"targets-{iteration}.safetensors", rollouts, objective, base, tree_prompts, config,
                 iteration=iteration, stats=stats, progress=report("rewards", iteration), should_cancel=should_cancel,
             )  # fmt: skip
             stats = (targets.reward_mean, targets.reward_std)
             dense_metrics: dict[str, float] = {}
             if uses_dense_labels(config, objective):
                 labels = _dense_stage(
-                    folder / f"dense-{iteration}.safetensors", rollouts, objective, base, raw_prompts, config,
+                    folder / f"dense-{iteration}.safetensors", rollouts, objective, base, tree_prompts, config,
                     iteration=iteration, progress=report("labels", iteration), should_cancel=should_cancel,
                 )  # fmt: skip
                 labelled.append((rollouts, labels))
@@ -282,7 +283,7 @@ def _targets_stage(
     rollouts: TreeRollouts,
     objective: Objective,
     base: BaseModel,
-    raw_prompts: list[str],
+    prompts: list[str],
     config: TrainingConfig,
     *,
     iteration: int,
@@ -290,7 +291,8 @@ def _targets_stage(
     progress: Callable[..., None],
     should_cancel: Callable[[], bool] | None,
 ) -> TreeTargets:
-    """Score the leaves and compute the targets, or read them from ``path``."""
+    """Score the leaves (the objective reads ``prompts``, the raw prompts of these trees) and
+    compute the targets, or read them from ``path``."""
     if path.is_file():
         tensors = load_file(path)
         stored = json.loads(path.with_suffix(".json").read_text())
@@ -303,7 +305,6 @@ def _targets_stage(
             reward_std=stored["reward_std"],
             zeta=stored["zeta"],
         )
-    prompts = raw_prompts[rollouts.first_prompt : rollouts.first_prompt + len(rollouts.prompts)]
     leaf_reward = score_leaves(
         rollouts,
         objective,
@@ -337,7 +338,7 @@ def _dense_stage(
     rollouts: TreeRollouts,
     objective: Objective,
     base: BaseModel,
-    raw_prompts: list[str],
+    prompts: list[str],
     config: TrainingConfig,
     *,
     iteration: int,
@@ -348,7 +349,6 @@ def _dense_stage(
     if path.is_file() and path.with_suffix(".json").is_file():
         progress(1, 1, {"resumed": 1.0})
         return DenseLabels.load(path)
-    prompts = raw_prompts[rollouts.first_prompt : rollouts.first_prompt + len(rollouts.prompts)]
     labels = label_states(
         rollouts, objective, base, prompts=prompts, config=config, iteration=iteration,
         progress=lambda done, total: progress(done, total, {}), should_cancel=should_cancel,
@@ -402,11 +402,10 @@ def _fit(
     labelled: list[tuple[TreeRollouts, DenseLabels]],
 ) -> dict[str, float]:
     if isinstance(model, SharedBackboneQHead) and labelled:
-        metrics = fit_dense(
+        # fit_dense leaves the head frozen
+        return fit_dense(
             model, rollouts, targets.token_target, labelled, config, progress=progress, should_cancel=should_cancel
         )
-        model.requires_grad_(False)
-        return metrics
     if isinstance(model, SideBranchValueModel):
         prefit: dict[str, float] = {}
         if model.config.iteration == 0:
