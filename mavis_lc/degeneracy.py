@@ -61,6 +61,15 @@ def is_degenerate(text: str) -> bool:
     return degenerate_reason(text) is not None
 
 
+FLAG_POINTS = 0.05
+"""A steered row whose degeneracy rate exceeds its base row's by more than this is flagged."""
+
+
+def flagged(rate: float, base_rate: float) -> bool:
+    """Whether a degeneracy ``rate`` is more than `FLAG_POINTS` above the base row's."""
+    return rate > base_rate + FLAG_POINTS
+
+
 def degeneracy_rate(texts: Sequence[str]) -> float:
     """Fraction of ``texts`` that are degenerate (0 for no texts)."""
     return sum(is_degenerate(t) for t in texts) / len(texts) if texts else 0.0

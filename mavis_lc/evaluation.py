@@ -54,7 +54,7 @@ from mavis_lc import bootstrap
 from mavis_lc.base_model import BaseModel
 from mavis_lc.decoding import DecodeConfig, Generation, MavisDecoder
 from mavis_lc.decoding.engine import MavisEngine
-from mavis_lc.degeneracy import is_degenerate
+from mavis_lc.degeneracy import flagged, is_degenerate
 from mavis_lc.errors import ConfigurationError
 from mavis_lc.extras import MissingExtraError
 from mavis_lc.frontier import Frontier, soft_best_of_n
@@ -127,9 +127,6 @@ class EvalSettings:
             beta=self.beta if beta is None else beta,
         )
 
-
-DEGENERATE_FLAG = 0.05
-"""A steered row whose degeneracy rate exceeds the base row's by more than this is flagged."""
 
 Interval = tuple[float, float]
 """A 95% interval (low, high)."""
@@ -233,8 +230,8 @@ class EvalReport:
         raise KeyError(f"no {method} row with {objective} at weight 1")
 
     def degenerate_flag(self, row: MethodRow) -> bool:
-        """Whether ``row`` writes degenerate text more than `DEGENERATE_FLAG` above the base row."""
-        return row.degenerate_rate > self.rows[0].degenerate_rate + DEGENERATE_FLAG
+        """Whether ``row`` writes degenerate text more than 5 points above the base row (`flagged`)."""
+        return flagged(row.degenerate_rate, self.rows[0].degenerate_rate)
 
     def single_objective_gain(self, method: str, objective: str) -> float:
         """The gain (base SD) on ``objective`` of ``method`` at weight 1 on it alone."""
@@ -705,14 +702,19 @@ def _frontier_points(report: EvalReport, x: str, y: str) -> list[FrontPoint]:
     return points
 
 
+def _single_objective(weights: Mapping[str, float]) -> str | None:
+    """The objective a setting weighs 1 while every other weighs 0; None for a mixed setting."""
+    ones = [o for o, w in weights.items() if w == 1.0]
+    return ones[0] if len(ones) == 1 and not any(w for o, w in weights.items() if o != ones[0]) else None
+
+
 def _gain_panels(report: EvalReport) -> list[GainPanel]:
     """Per objective with a one-objective frontier: its curve and each method's row at weight 1."""
     panels = []
     for frontier in report.frontiers:
-        ones = [o for o, w in frontier.weights.items() if w == 1.0]
-        if len(ones) != 1 or any(w for o, w in frontier.weights.items() if o != ones[0]):
+        objective = _single_objective(frontier.weights)
+        if objective is None:
             continue
-        objective = ones[0]
         curve = [(k, g) for k, g in zip(frontier.kl, frontier.gain, strict=True) if k <= frontier.reach]
         points: dict[str, list[FrontPoint]] = {}
         for r in report.rows:
@@ -733,7 +735,7 @@ def _efficiency(row: MethodRow) -> str:
 
 def _frontier_lines(report: EvalReport) -> list[str]:
     """The frontier's gains at a few KLs for each one-objective setting, and what its reach is."""
-    singles = [f for f in report.frontiers if sorted(f.weights.values()) == [0.0] * (len(f.weights) - 1) + [1.0]]
+    singles = [f for f in report.frontiers if _single_objective(f.weights) is not None]
     if not singles:
         return []
     n = singles[0].n_samples
@@ -746,8 +748,9 @@ def _frontier_lines(report: EvalReport) -> list[str]:
         "",
     ]
     for f in singles:
-        name = next(o for o, w in f.weights.items() if w == 1.0)
-        lines.append(f"- {name}: " + ", ".join(f"{kl:g} nats {f.gain_at(kl):+.2f}" for kl in at))
+        lines.append(
+            f"- {_single_objective(f.weights)}: " + ", ".join(f"{kl:g} nats {f.gain_at(kl):+.2f}" for kl in at)
+        )
     return lines
 
 
@@ -777,7 +780,6 @@ def summary_markdown(report: EvalReport) -> str:
         " | EOS | tokens | base fwd / token | reward calls / token | ms / token |",
         "|---|---|" + "---|" * len(objectives) + "---|---|---|---|---|---|---|---|---|---|",
     ]
-    flagged = [r for r in report.rows if report.degenerate_flag(r)]
     for r in report.rows:
         cells = [
             f"{r.reward[o]:+.3f} {_ci(r.reward_ci[o], 3)} ({r.gain_sd[o]:+.2f} SD {_ci(r.gain_ci[o])})"
@@ -788,7 +790,8 @@ def summary_markdown(report: EvalReport) -> str:
             + " | ".join(cells)
             + f" | {r.kl:.2f} {_ci(r.kl_ci, sign='')} | {round(r.kl_topk, 2) + 0.0:.2f} {_ci(r.kl_topk_ci, sign='')}"
             + f" | {_efficiency(r) if report.frontiers else 'no samples'}"
-            + f" | {100 * r.empty_rate:.1f}% | {100 * r.degenerate_rate:.1f}%{' (!)' if r in flagged else ''}"
+            + f" | {100 * r.empty_rate:.1f}% | {100 * r.degenerate_rate:.1f}%"
+            + (" (!)" if report.degenerate_flag(r) else "")
             + f" | {100 * r.eos_rate:.0f}%"
             + f" | {r.mean_tokens:.1f} {_ci(r.mean_tokens_ci, 1, '')}"
             + f" | {r.forwards_per_token:g}"

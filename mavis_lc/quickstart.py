@@ -24,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mavis_lc.bootstrap import mean_ci
-from mavis_lc.degeneracy import is_degenerate
-from mavis_lc.evaluation import DEGENERATE_FLAG, weights_label
+from mavis_lc.degeneracy import flagged, is_degenerate
+from mavis_lc.evaluation import weights_label
 from mavis_lc.extras import MissingExtraError
 from mavis_lc.langchain import ChatMavis
 from mavis_lc.objectives import get_objective
@@ -248,7 +248,7 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
         kl_topk = mean_ci([kls_topk[i] for i in idx], prompt_of)
         empty_rate = statistics.fmean(not responses[i].strip() for i in idx)
         degenerate_rate = statistics.fmean(degenerate[i] for i in idx)
-        flagged = degenerate_rate > base_degenerate + DEGENERATE_FLAG
+        flag = flagged(degenerate_rate, base_degenerate)
         per_setting.append(
             {
                 "weights": settings,
@@ -257,7 +257,7 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
                 "kl_topk": kl_topk,
                 "empty_rate": empty_rate,
                 "degenerate_rate": degenerate_rate,
-                "degenerate_flagged": flagged,
+                "degenerate_flagged": flag,
             }
         )
         summary.add_row(
@@ -266,7 +266,7 @@ def _evaluate(plan: QuickstartPlan, versions: dict[str, VersionInfo], output_dir
             "{:.2f} [{:.2f}, {:.2f}]".format(*kl),
             "{:.2f} [{:.2f}, {:.2f}]".format(*(round(v, 2) + 0.0 for v in kl_topk)),  # + 0.0: no "-0.00"
             f"{100 * empty_rate:.1f}%",
-            f"{100 * degenerate_rate:.1f}%" + (" [red](!)[/red]" if flagged else ""),
+            f"{100 * degenerate_rate:.1f}%" + (" [red](!)[/red]" if flag else ""),
         )
     out.print(summary)
     out.print(
