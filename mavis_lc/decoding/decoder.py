@@ -149,6 +149,13 @@ class StepOutput:
 
 
 @torch.no_grad()
+def _query_of(head: ValueModel, prompt_hidden: torch.Tensor | Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """The prompt-pooled query ``head`` reads, from one query or one per pool."""
+    if isinstance(prompt_hidden, Mapping):
+        return prompt_hidden.get(head.query_pool) if head.query_pool is not None else None
+    return prompt_hidden
+
+
 def mavis_step(
     logits: torch.Tensor,
     hidden: torch.Tensor,
@@ -160,7 +167,7 @@ def mavis_step(
     temperature: float,
     generators: Sequence[torch.Generator] | RowNoise | None,
     allowed: torch.Tensor | None = None,
-    prompt_hidden: torch.Tensor | None = None,
+    prompt_hidden: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
 ) -> StepOutput:
     """One MAVIS decoding step for a batch.
 
@@ -172,7 +179,9 @@ def mavis_step(
             rows' `RowNoise` streams (the decoder's: faster on CPU); None takes the argmax (greedy).
         allowed: (B, V) bool, the tokens a row may take (say, EOS banned); the top-k is taken
             among them, but ``log_ratio`` is still against the unconstrained base.
-        prompt_hidden: (B, d) the prompt-pooled query of every row (`prompt_mean`), for heads that read it.
+        prompt_hidden: (B, d) the prompt-pooled query of every row (`prompt_mean`), for heads that
+            read it; or one such query per pool (``{"user": ..., "all": ...}``), each head reading
+            its own (`ValueModel.query_pool`).
     """
     ref_logits = logits.float() / temperature  # (B, V) pi_ref at temperature T
     ref_logprobs = torch.log_softmax(ref_logits, dim=-1)  # (B, V) the unconstrained base
@@ -181,7 +190,7 @@ def mavis_step(
     ref_k = torch.softmax(topk_logits, dim=-1)  # (B, k) pi_ref^k: the base renormalised over the candidates
     if heads:
         q = torch.stack(
-            [head.q_values(hidden, candidates, prompt_hidden).float() for head in heads], dim=-1
+            [head.q_values(hidden, candidates, _query_of(head, prompt_hidden)).float() for head in heads], dim=-1
         )  # (B, k, M)
     else:
         q = topk_logits.new_zeros(*topk_logits.shape, 0)  # (B, k, 0)
@@ -371,10 +380,7 @@ class MavisDecoder:
         row_cfgs = self.row_configs(cfg, row_options, batch)
         constraints = self.constraints(grammars, batch)
         device = self.base.device
-        tok = self.base.tokenizer
-        enc = tok(list(prompts), padding=True, return_tensors="pt")
-        input_ids = enc["input_ids"].to(device)  # (B, P)
-        attention_mask = enc["attention_mask"].to(device)  # (B, P)
+        input_ids, attention_mask, user_mask = (t.to(device) for t in self.base.encode_prompts(prompts))  # (B, P)
         prompt_lengths = attention_mask.sum(-1).tolist()
         for b, row_cfg in enumerate(row_cfgs):
             self.check(row_cfg, int(prompt_lengths[b]))
@@ -383,7 +389,17 @@ class MavisDecoder:
             static = None  # another decode holds the compiled step: this one runs eagerly
         try:
             yield from self._decode(
-                static, prompts, rows, row_seeds, row_cfgs, constraints, cfg, input_ids, attention_mask, prompt_lengths
+                static,
+                prompts,
+                rows,
+                row_seeds,
+                row_cfgs,
+                constraints,
+                cfg,
+                input_ids,
+                attention_mask,
+                user_mask,
+                prompt_lengths,
             )
         finally:
             if static is not None:
@@ -400,6 +416,7 @@ class MavisDecoder:
         cfg: DecodeConfig,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        user_mask: torch.Tensor,
         prompt_lengths: list[int],
     ) -> Iterator[StreamStep]:
         """The decode loop of `stream`, after validation; ``static``: the compiled step, or None (eager)."""
@@ -444,7 +461,11 @@ class MavisDecoder:
                 else:
                     head.begin(input_ids, attention_mask, _tap_of(head, tap))
             hidden = prompt_states[:, -1]  # (B, d)
-            prompt_hidden = prompt_mean(prompt_states, attention_mask)  # (B, d) the prompt-pooled query
+            pools = {"user": user_mask, "all": attention_mask}  # (B, P) each
+            prompt_hidden = {
+                pool: prompt_mean(prompt_states, pools[pool])  # (B, d) the prompt-pooled query
+                for pool in {head.query_pool for head in self.heads if head.query_pool is not None}
+            }
             next_position = position_ids[:, -1]  # (B,)
             no_eos = None
             if any(min_new):

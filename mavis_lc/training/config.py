@@ -167,9 +167,9 @@ class TrainingConfig:
     prompt_query: bool = field(
         default=False,
         metadata={
-            "help": "Shared head or side branch: add the prompt-pooled query U p (p = mean base hidden state over "
-            "the prompt, computed once at prefill) to the head's query, so Q can score how a candidate relates to "
-            "the prompt."
+            "help": "Shared head or side branch: add the prompt-pooled query U p + u * p (p = mean base hidden "
+            "state over the user turn's tokens, computed once at prefill; U a matrix, u a vector) to the head's "
+            "query, so Q can score how a candidate relates to what the user asked."
         },
     )
     dense_labels: bool = field(

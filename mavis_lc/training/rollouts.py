@@ -32,8 +32,8 @@ reference), ``log Z_k(s)``, the log of the base's probability mass on the step's
 step's state over its k candidates (what the soft targets charge: the sampled log-ratio has the
 same expectation and far more variance), the base's hidden state h(s) the step read, so the
 shared-backbone fit needs no second forward, and ``log pi(a|s)`` itself. Per prompt, the
-prompt-pooled query (the mean of the base's final hidden states over the prompt's tokens) is
-kept for heads that read it. EOS is
+prompt-pooled query (the mean of the base's final hidden states over the user turn's tokens,
+`mavis_lc.query_span`) is kept for heads that read it. EOS is
 banned until a response has ``min_response_tokens`` tokens (default 1: no empty answers);
 the log-ratios stay against the unconstrained base.
 
@@ -98,7 +98,7 @@ class TreeRollouts:
     hidden: torch.Tensor  # (T, d) float32: base final hidden state h(s_t) before each token
     log_prob: torch.Tensor  # (T,) float32: log pi(a_t|s_t), the sampling policy's (tilted) probability
     node_forced: torch.Tensor  # (N,) bool: the node's first token was its parent's rank-r candidate, not a sample
-    prompt_hidden: torch.Tensor  # (P, d) float32: mean base final hidden state over each prompt's tokens
+    prompt_hidden: torch.Tensor  # (P, d) float32: mean base final hidden state over each prompt's user-turn tokens
     state_kl: torch.Tensor | None = None
     """(T,) float32: KL(pi || pi_ref^k) at s_t, exact over the step's k candidates; None in files
     sampled from pi_ref alone before it was recorded, where it is 0."""
@@ -388,17 +388,15 @@ def _sample_batch(
     tap_layer: int | None,
 ) -> TreeRollouts:
     device = base.device
-    enc = base.tokenizer(prompts, padding=True, return_tensors="pt")
-    input_ids = enc["input_ids"].to(device)  # (G, P)
-    attention_mask = enc["attention_mask"].to(device)  # (G, P)
+    input_ids, attention_mask, user_mask = (t.to(device) for t in base.encode_prompts(prompts))  # (G, P) each
     if input_ids.shape[1] + longest_response(config) > base.max_context:
         raise ConfigurationError(
             f"prompts of up to {input_ids.shape[1]} tokens leave no room for trees in a context of {base.max_context}"
         )
     read = {h.tap_layer for h in heads if h.tap_layer is not None} | ({tap_layer} if tap_layer is not None else set())
     state = KVBatch(base.model.base_model, base.model.get_input_embeddings(), tap_layers=read)
-    state.prefill(input_ids, attention_mask)
-    prompt_hidden = state.prompt_hidden.float().cpu()  # (G, d) the prompt-pooled query of every tree
+    state.prefill(input_ids, attention_mask, user_mask)
+    prompt_hidden = state.prompt_hidden.float().cpu()  # (G, d) the query pooled over each prompt's user turn
     prompt_record = None
     if tap_layer is not None:
         lengths = attention_mask.sum(-1)  # (G,) left padding: a prompt's tokens are its last ones

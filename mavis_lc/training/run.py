@@ -66,7 +66,8 @@ _ROLLOUT_FIELDS = (
     "leaf_completion_tokens", "rollout_prompts_per_batch", "top_k", "temperature", "seed", "min_response_tokens",
     "expand_top_m", "ceiling_share",
 )  # fmt: skip
-_ROLLOUT_FORMAT = 3  # 2: log Z_k per token, the iteration in every seed; 3: log pi, forced nodes, prompt query
+_ROLLOUT_FORMAT = 4  # 2: log Z_k per token, the iteration in every seed; 3: log pi, forced nodes, prompt query;
+# 4: the prompt query pooled over the user turn's tokens
 
 
 @dataclass

@@ -109,6 +109,13 @@ class ValueModel(nn.Module):
     def objective(self) -> str:
         return self.config.objective
 
+    @property
+    def query_pool(self) -> str | None:
+        """Which prompt-pooled query `q_values` reads: ``"user"`` (the mean over the user turn's
+        tokens, `mavis_lc.query_span`), ``"all"`` (over every prompt token: heads saved before the
+        user pool existed), or None (no prompt query)."""
+        return None
+
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, taps: torch.Tensor | None = None) -> None:
         """Start decoding a batch: ``input_ids`` and ``attention_mask`` are (B, P)."""
 
@@ -148,8 +155,8 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The prompt-pooled query p: the mean of ``hidden`` (B, P, d) over the real tokens of
-    ``attention_mask`` (B, P), in float32 -> (B, d)."""
+    """The prompt-pooled query p: the mean of ``hidden`` (B, P, d) over the tokens that
+    ``attention_mask`` (B, P) marks (every real token, or a user-token mask), in float32 -> (B, d)."""
     weights = attention_mask.to(torch.float32)[..., None]  # (B, P, 1)
     return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 

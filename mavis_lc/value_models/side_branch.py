@@ -105,6 +105,10 @@ class SideBranchValueModel(ValueModel):
     def select_rows(self, indices: torch.Tensor) -> None:
         self._require_state().select(indices)
 
+    @property
+    def query_pool(self) -> str | None:
+        return self.q_head.query_pool
+
     def q_values(
         self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -160,6 +164,7 @@ def new_side_branch(
         "base_layers": total,
         "model_config": small.to_dict(),
         "prompt_query": use_prompt,
+        **({"query_pool": head.query_pool if head is not None else "user"} if use_prompt else {}),
     }
     cfg = ValueHeadConfig.for_base(base, objective, architecture=SIDE_BRANCH, options=options, **config)
     model = SideBranchValueModel(cfg, base.token_embeddings)

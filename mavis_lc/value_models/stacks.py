@@ -98,8 +98,11 @@ class KVBatch:
         self.taps: dict[int, torch.Tensor] = {}  # layer -> (B, d) its input at each row's last real token
         self.prefill_taps: dict[int, torch.Tensor] = {}  # layer -> (B, P, d) its inputs over the prompts
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Start from left-padded prompts: ``input_ids`` and ``attention_mask`` are (B, P)."""
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None = None
+    ) -> None:
+        """Start from left-padded prompts: ``input_ids`` and ``attention_mask`` are (B, P);
+        ``query_mask`` (B, P) the tokens the prompt-pooled query averages (default: every real one)."""
         position_ids = prompt_positions(attention_mask)  # (B, P)
         with LayerTap(self.backbone, self.tap_layers) as tap:
             out = self.backbone(
@@ -112,7 +115,8 @@ class KVBatch:
         self.attention_mask = attention_mask
         self.next_position = attention_mask.sum(-1)  # (B,)
         self.hidden = out.last_hidden_state[:, -1]  # (B, d)
-        self.prompt_hidden = prompt_mean(out.last_hidden_state, attention_mask)  # (B, d)
+        pooled = attention_mask if query_mask is None else query_mask
+        self.prompt_hidden = prompt_mean(out.last_hidden_state, pooled)  # (B, d)
         self.prefill_taps = dict(tap.states)
         self.taps = {layer: states[:, -1] for layer, states in tap.states.items()}
 

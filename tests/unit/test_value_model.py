@@ -98,6 +98,59 @@ def test_the_decoder_passes_each_row_its_prompt_mean(base: BaseModel) -> None:
         assert all(torch.equal(step[row], seen[0][row]) for step in seen)  # computed once, at prefill
 
 
+def test_the_decoder_pools_each_head_over_its_own_tokens(base: BaseModel) -> None:
+    """A new head pools the query over the user turn; a head saved before that, over every token."""
+    seen: dict[str, list[torch.Tensor]] = {"user": [], "all": []}
+
+    class Recording(SharedBackboneQHead):
+        def q_values(
+            self, hidden: torch.Tensor, candidate_ids: torch.Tensor, prompt_hidden: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            assert prompt_hidden is not None and self.query_pool is not None
+            seen[self.query_pool].append(prompt_hidden.clone())
+            return super().q_values(hidden, candidate_ids, prompt_hidden)
+
+    user = new_shared_head(base, "positivity", options={"prompt_query": True})
+    old = new_shared_head(base, "relevance", options={"prompt_query": True, "query_pool": "all"})
+    assert user.query_pool == "user" and user.prompt_scale is not None
+    assert old.query_pool == "all" and old.prompt_scale is None
+    heads = [Recording(user.config, base.token_embeddings), Recording(old.config, base.token_embeddings)]
+    question = "Tell me about cats."
+    text = str(
+        base.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    )
+    MavisDecoder(base, heads).generate([text], {"positivity": 1.0, "relevance": 1.0}, DecodeConfig(max_new_tokens=2))
+    ids = base.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        states = base.model.base_model(input_ids=ids).last_hidden_state[0]  # (P, d)
+    n_user = len(base.tokenizer(question)["input_ids"])
+    footer = len(base.tokenizer("<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    user_states = states[-footer - n_user : -footer]  # the question's tokens
+    torch.testing.assert_close(seen["user"][0][0], user_states.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen["all"][0][0], states.mean(0), atol=1e-4, rtol=1e-4)
+
+
+def test_the_prompt_scale_multiplies_the_query_elementwise(base: BaseModel, tmp_path: Path) -> None:
+    head = new_shared_head(base, "relevance", options={"prompt_query": True})
+    assert head.prompt_scale is not None
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        head.prompt_scale.copy_(torch.randn(base.hidden_size, generator=g))
+    hidden = torch.randn(2, base.hidden_size, generator=g)
+    prompt = torch.randn(2, base.hidden_size, generator=g)
+    candidates = torch.tensor([[3, 5], [7, 3]])
+    with torch.no_grad():
+        q = head.q_values(hidden, candidates, prompt)
+        expected = torch.einsum("bd,bkd->bk", head.prompt_scale * prompt, base.token_embeddings[candidates])
+    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
+    loaded = load_value_model(head.save(tmp_path / "head.safetensors"), base)
+    assert loaded.query_pool == "user"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.q_values(hidden, candidates, prompt), q)
+
+
 def test_a_fresh_head_is_zero_and_reproduces_base_sampling(base: BaseModel) -> None:
     head = new_shared_head(base, "positivity")
     assert all(float(p.detach().abs().sum()) == 0.0 for p in head.parameters())
