@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -61,15 +61,8 @@ class BaseModel:
         parameters and up to 4096 evenly spaced values of each, rounded to bfloat16, so the same
         checkpoint loaded in float32 or bfloat16 has one fingerprint and another checkpoint with
         the same tokenizer another. Computed once per loaded base (about 0.1 s on SmolLM2)."""
-        digest = hashlib.sha256()
         with torch.no_grad():
-            for name, param in sorted(self.model.named_parameters()):
-                flat = param.detach().flatten()
-                step = max(1, flat.numel() // 4096)
-                sample = flat[::step][:4096].to("cpu", torch.bfloat16).view(torch.int16)
-                digest.update(f"{name}:{tuple(param.shape)}".encode())
-                digest.update(sample.numpy().tobytes())
-        return digest.hexdigest()
+            return weights_digest(sorted(self.model.named_parameters()))
 
     @functools.cached_property
     def user_turn_markers(self) -> UserTurnMarkers | None:
@@ -175,6 +168,19 @@ def logit_transform_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             "final_logit_softcapping); decoding it would not sample the model's own distribution"
         )
     return found
+
+
+def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """`BaseModel.weights_fingerprint` over ``(name, tensor)`` pairs given in name order (the
+    model's parameters, or the same tensors read from its checkpoint files)."""
+    digest = hashlib.sha256()
+    for name, param in named:
+        flat = param.detach().flatten()
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{tuple(param.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
 
 
 @functools.cache

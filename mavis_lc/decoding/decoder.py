@@ -148,7 +148,6 @@ class StepOutput:
     tilt: torch.Tensor  # (B, M) Q_m(chosen) - E_{pi_ref top-k}[Q_m]
 
 
-@torch.no_grad()
 def _query_of(head: ValueModel, prompt_hidden: torch.Tensor | Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
     """The prompt-pooled query ``head`` reads, from one query or one per pool."""
     if isinstance(prompt_hidden, Mapping):
@@ -156,6 +155,7 @@ def _query_of(head: ValueModel, prompt_hidden: torch.Tensor | Mapping[str, torch
     return prompt_hidden
 
 
+@torch.no_grad()
 def mavis_step(
     logits: torch.Tensor,
     hidden: torch.Tensor,
