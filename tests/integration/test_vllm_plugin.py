@@ -216,3 +216,105 @@ def test_the_heads_are_refused_on_another_tokenizer_and_shapes_are_checked(
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(heads: tuple[list[SharedBackboneQHead], str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """vLLM's OpenAI server started as docs/serving-vllm.md says (the CPU build's module form: its
+    ``vllm`` script looks for a distribution named vllm), on a free loopback port."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("vllm-server") / "server.log").open("w")
+    env = {**_vllm_env(), "MAVIS_VLLM_HEADS": heads[1]}
+    command = [
+        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(packaged_smollm2_dir()),
+        "--served-model-name", "smollm2",
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+        "--hf-overrides", '{"architectures": ["MavisLlamaForCausalLM"]}',
+        "--logits-processors", "mavis_lc.vllm.plugin:MavisLogitsProcessor",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, f"vllm serve exited with {process.returncode}: see {log.name}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"vllm serve did not come up in 300 s: see {log.name}"
+            time.sleep(1)
+        yield f"{url}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_chat_openai_steers_with_per_request_weights(server: str) -> None:
+    from langchain_openai import ChatOpenAI
+
+    from mavis_lc.vllm import vllm_xargs
+
+    llm = ChatOpenAI(base_url=server, api_key="unused", model="smollm2", max_tokens=16, temperature=1.0, seed=3)
+    question = "What should I cook tonight?"
+    plain = llm.invoke(question)
+    positive = llm.bind(extra_body={"vllm_xargs": vllm_xargs({"positivity": 1.0}, beta=4.0)}).invoke(question)
+    other = llm.bind(extra_body={"vllm_xargs": vllm_xargs({"relevance": 1.0}, beta=4.0)}).invoke(question)
+    again = llm.bind(extra_body={"vllm_xargs": vllm_xargs({"positivity": 1.0}, beta=4.0)}).invoke(question)
+    texts = [str(m.content) for m in (plain, positive, other, again)]
+    assert all(texts), texts
+    assert texts[1] == texts[3]  # seeded: the same weights give the same answer
+    assert len({texts[0], texts[1], texts[2]}) == 3, texts  # each weighting its own tilt
+
+
+def test_a_bad_request_gets_a_400_alone_while_others_finish(server: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=server, api_key="unused")
+
+    def ask(xargs: dict[str, Any]) -> str:
+        reply = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Tell me about the moon."}],
+            max_tokens=24,
+            seed=1,
+            extra_body={"vllm_xargs": xargs},
+        )
+        return str(reply.choices[0].message.content)
+
+    good = {"mavis_weights": "positivity=1", "mavis_beta": 2.0}
+    bad_cases = [
+        ({"mavis_weights": "positivity=-1"}, "weight for 'positivity' must be finite and >= 0, got '-1'"),
+        ({"mavis_weights": "helpfulness=1"}, "unknown objective 'helpfulness'"),
+        ({"mavis_top_k": 0}, "mavis_top_k must be an integer in [1, 1024], got 0"),
+        ({"mavis_wieghts": "positivity=1"}, "unknown MAVIS argument(s) ['mavis_wieghts']"),
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(ask, good) for _ in range(3)]
+        for xargs, message in bad_cases:
+            with pytest.raises(openai.BadRequestError) as caught:
+                ask(xargs)
+            assert caught.value.status_code == 400
+            assert message in str(caught.value.body), caught.value.body
+        answers = [f.result(timeout=300) for f in running]
+    assert all(answers) and len(set(answers)) == 1  # the same seeded request, unharmed by the bad ones
