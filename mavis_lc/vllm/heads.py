@@ -43,7 +43,7 @@ class CheckpointBase:
     vocab_size: int
     token_embeddings: torch.Tensor = field(repr=False)
     """The input embedding matrix E (V, d), float32."""
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def _checkpoint_tensors(directory: Path) -> dict[str, Path]:
