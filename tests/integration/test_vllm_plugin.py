@@ -2,7 +2,7 @@
 
 vLLM lives in its own virtual environment (`scripts/setup_vllm.sh`, with mavis-lc installed into
 it): ``MAVIS_VLLM_PYTHON`` names its interpreter (default ``.venv-vllm/bin/python``). Engines run
-in subprocesses (`vllm_driver.py`); the reference is mavis-lc's own `mavis_step` on the hidden
+in subprocesses (`mavis_lc.vllm.driver`); the reference is mavis-lc's own `mavis_step` on the hidden
 states of transformers' SmolLM2, for the same prefixes.
 """
 
@@ -25,7 +25,6 @@ from mavis_lc.value_models import SharedBackboneQHead, new_shared_head
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("MAVIS_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-DRIVER = Path(__file__).with_name("vllm_driver.py")
 
 if not VLLM_PYTHON.is_file():
     if os.environ.get("MAVIS_REQUIRE_VLLM") == "1":
@@ -47,7 +46,11 @@ def run_driver(tmp: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
     output = path.with_suffix(".out.json")
     path.write_text(json.dumps({**spec, "output": str(output)}))
     done = subprocess.run(
-        [str(VLLM_PYTHON), str(DRIVER), str(path)], capture_output=True, text=True, timeout=600, env=_vllm_env()
+        [str(VLLM_PYTHON), "-m", "mavis_lc.vllm.driver", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_vllm_env(),
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return list(json.loads(output.read_text()))
@@ -318,3 +321,33 @@ def test_a_bad_request_gets_a_400_alone_while_others_finish(server: str) -> None
             assert message in str(caught.value.body), caught.value.body
         answers = [f.result(timeout=300) for f in running]
     assert all(answers) and len(set(answers)) == 1  # the same seeded request, unharmed by the bad ones
+
+
+def test_structured_output_is_steered_and_valid(server: str) -> None:
+    """vLLM's own structured outputs mask the logits before the processor: the answer is steered and parses."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel as Schema
+    from pydantic import Field
+
+    from mavis_lc.vllm import vllm_xargs
+
+    class Meal(Schema):  # bounded, so that every answer the grammar allows ends within max_tokens
+        dish: str = Field(max_length=40)
+        minutes: int = Field(ge=0, le=999)
+
+    steer = {"vllm_xargs": vllm_xargs({"positivity": 1.0}, beta=1.0)}
+    settings: dict[str, Any] = {
+        "base_url": server,
+        "api_key": "unused",
+        "model": "smollm2",
+        "max_tokens": 200,
+        "seed": 5,
+    }
+    plain = ChatOpenAI(**settings).with_structured_output(Meal, method="json_schema", include_raw=True)
+    steered = ChatOpenAI(**settings, extra_body=steer).with_structured_output(
+        Meal, method="json_schema", include_raw=True
+    )
+    question = "Suggest a dinner and how long it takes to cook."
+    answers = [plain.invoke(question), steered.invoke(question)]
+    assert all(isinstance(a["parsed"], Meal) for a in answers), answers
+    assert answers[0]["raw"].content != answers[1]["raw"].content  # the same seed, steered elsewhere

@@ -1,10 +1,11 @@
-"""Runs inside a vLLM virtual environment (mavis-lc installed there too) for the plugin tests and
-benchmarks: one engine, one batch of requests, results as JSON in SPEC's "output" file.
+"""One batch of requests through a vLLM engine, with or without the MAVIS plugin, for the plugin's
+tests and benchmarks; run with the Python of a vLLM environment that has mavis-lc installed:
 
-    python vllm_driver.py SPEC.json
+    .venv-vllm/bin/python -m mavis_lc.vllm.driver SPEC.json
 
-SPEC: {"model": dir, "plugin": bool, "heads": "a.safetensors,b.safetensors",
-       "requests": [{"prompt": str, "params": {SamplingParams keyword arguments}}]}
+SPEC: {"model": dir, "plugin": bool, "heads": "a.safetensors,b.safetensors", "output": file,
+       "requests": [{"prompt": str, "params": {SamplingParams keyword arguments}}],
+       optional "dtype" (float32), "enforce_eager" (true), "max_model_len" (1024)}
 Each result: {"token_ids": [...], "text": str, "logprobs": [{token id: logprob} per step] | null}.
 """
 
@@ -35,9 +36,9 @@ def main() -> None:
     )
     llm = LLM(
         model=spec["model"],
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=1024,
+        dtype=spec.get("dtype", "float32"),
+        enforce_eager=bool(spec.get("enforce_eager", True)),
+        max_model_len=int(spec.get("max_model_len", 1024)),
         logprobs_mode="processed_logprobs",
         seed=0,
         **extra,
