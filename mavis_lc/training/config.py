@@ -196,11 +196,12 @@ class TrainingConfig:
             "centred (MSE of Q against Phi, both centred over each state's candidates)."
         },
     )
-    dense_max_states: int = field(
-        default=8192,
+    dense_max_states: int | None = field(
+        default=None,
         metadata={
             "help": "States labelled per iteration (top_k reward calls each), drawn evenly from the rollout tokens; "
-            "0: all of them."
+            "0: all of them; default: the objective's own budget (8192 for the built-in text statistics, 1024 for "
+            "objectives that run a model per call: relevance, reward models)."
         },
     )
     epochs: int = field(default=20, metadata={"help": "Most passes over the training targets per iteration."})
@@ -320,10 +321,14 @@ class TrainingConfig:
             raise ConfigurationError(
                 f"beta {self.beta!r} leaves zeta = 1/beta undefined for iterations >= 1: give beta > 0 or set zeta"
             )
-        if isinstance(self.dense_max_states, bool) or not isinstance(self.dense_max_states, int):
-            raise ConfigurationError(f"dense_max_states must be an integer >= 0, got {self.dense_max_states!r}")
-        if self.dense_max_states < 0:
-            raise ConfigurationError(f"dense_max_states must be an integer >= 0, got {self.dense_max_states!r}")
+        if self.dense_max_states is not None and (
+            isinstance(self.dense_max_states, bool)
+            or not isinstance(self.dense_max_states, int)
+            or self.dense_max_states < 0
+        ):
+            raise ConfigurationError(
+                f"dense_max_states must be an integer >= 0 or None (the objective's), got {self.dense_max_states!r}"
+            )
         if isinstance(self.min_response_tokens, bool) or not isinstance(self.min_response_tokens, int):
             raise ConfigurationError(f"min_response_tokens must be an integer >= 0, got {self.min_response_tokens!r}")
         if self.min_response_tokens < 0:

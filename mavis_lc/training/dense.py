@@ -11,9 +11,10 @@ the quantity the tilt uses. Only the second (what the prefix score misses: negat
 later) needs the Monte Carlo leaves.
 
 `label_states` labels the states before rollout tokens (all of them, or ``dense_max_states``
-drawn evenly), one batched reward call per chunk of states; the candidates are recomputed from
-the hidden states the rollouts stored (EOS banned where the rollouts banned it), so no base
-forward runs. Φ of the EOS candidate is the score of the response so far.
+drawn evenly; by default the objective's `Objective.dense_states`), one batched reward call
+per chunk of states; the candidates are recomputed from the hidden states the rollouts stored
+(EOS banned where the rollouts banned it), so no base forward runs. Φ of the EOS candidate is
+the score of the response so far.
 
 `fit_dense` fits the shared head in two parts of the same form, then adds them (the head is
 linear in its weights, so the saved head costs what any head costs at decoding time):
@@ -138,7 +139,8 @@ def label_states(
         TrainingCancelled: ``should_cancel()`` returned True between reward calls.
     """
     started = time.perf_counter()
-    chosen = select_states(rollouts, config.dense_max_states, config.seed + 7919 * (iteration + 1))
+    budget = objective.dense_states if config.dense_max_states is None else config.dense_max_states
+    chosen = select_states(rollouts, budget, config.seed + 7919 * (iteration + 1))
     token_node = rollouts.token_node()
     depth = _response_depth(rollouts, token_node)  # (T,) response tokens before each token
     eos = torch.tensor(base.eos_token_ids)

@@ -5,7 +5,8 @@ tests and benchmarks; run with the Python of a vLLM environment that has mavis-l
 
 SPEC: {"model": dir, "plugin": bool, "heads": "a.safetensors,b.safetensors", "output": file,
        "requests": [{"prompt": str, "params": {SamplingParams keyword arguments}}],
-       optional "dtype" (float32), "enforce_eager" (true), "max_model_len" (1024)}
+       optional "dtype" (float32), "enforce_eager" (true), "max_model_len" (1024),
+       "max_num_batched_tokens" (vLLM's default)}
 Each result: {"token_ids": [...], "text": str, "logprobs": [{token id: logprob} per step] | null}.
 """
 
@@ -41,6 +42,7 @@ def main() -> None:
         max_model_len=int(spec.get("max_model_len", 1024)),
         logprobs_mode="processed_logprobs",
         seed=0,
+        **({"max_num_batched_tokens": int(spec["max_num_batched_tokens"])} if "max_num_batched_tokens" in spec else {}),
         **extra,
     )
     params = [SamplingParams(**r["params"]) for r in spec["requests"]]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mavis_lc.base_model import BaseModel, load_base_model
+from mavis_lc.errors import ConfigurationError
 from mavis_lc.objectives import CallableObjective, Objective
 from mavis_lc.training import TrainingConfig, train_objective
 from mavis_lc.training.dense import DenseLabels, fit_dense, fit_phi, label_states, select_states
@@ -178,3 +179,25 @@ def test_without_residual_contrast_the_tilt_is_the_phi_parts(
     hidden, candidates = rollouts.hidden[:5], labels.candidates[:5]
     q, q_phi = head.q_values(hidden, candidates), phi.q_values(hidden, candidates)
     torch.testing.assert_close(q - q.mean(1, keepdim=True), q_phi - q_phi.mean(1, keepdim=True))
+
+
+def test_the_objectives_budget_sets_the_labelled_states_unless_the_config_does(
+    base: BaseModel, config: TrainingConfig, rollouts: TreeRollouts
+) -> None:
+    tokens = rollouts.tokens.numel()
+    costly = Objective("costly", objective().reward_fn, prefix_scoring=True, dense_states=tokens // 2)
+    labels = label_states(rollouts, costly, base, prompts=PROMPTS, config=config)
+    assert labels.token_index.numel() == tokens // 2
+    assert labels.reward_calls == tokens // 2 * config.top_k
+    everything = label_states(rollouts, costly, base, prompts=PROMPTS, config=replace(config, dense_max_states=0))
+    assert everything.token_index.numel() == tokens
+    with pytest.raises(ConfigurationError, match="dense_states of objective 'x' must be an integer >= 1, got 0"):
+        Objective("x", objective().reward_fn, dense_states=0)
+
+
+def test_model_rewards_label_fewer_states_by_default() -> None:
+    from mavis_lc.objectives import get_objective
+    from mavis_lc.objectives.base import DENSE_STATES, MODEL_DENSE_STATES
+
+    assert get_objective("relevance").dense_states == MODEL_DENSE_STATES == 1024
+    assert get_objective("positivity").dense_states == DENSE_STATES == 8192

@@ -87,3 +87,19 @@ def test_the_client_helper_reads_a_preset(monkeypatch: pytest.MonkeyPatch) -> No
         "mavis_beta": 2.0,
     }
     assert vllm_xargs({"relevance": 0.0}, preset="cheerful")["mavis_weights"] == "positivity=1.0,relevance=0.0"
+
+
+def test_langchain_clients_carry_the_arguments_per_call() -> None:
+    """``.bind`` and a configurable ``extra_body`` both put the xargs into the request body."""
+    from langchain_core.runnables import ConfigurableField
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url="http://127.0.0.1:9/v1", api_key="unused", model="smollm2")
+    steer = {"vllm_xargs": vllm_xargs({"positivity": 1.0}, beta=4.0)}
+    configurable = llm.configurable_fields(extra_body=ConfigurableField(id="steering"))
+    chosen, _ = configurable._prepare(configurable.with_config(configurable={"steering": steer}).config)
+    assert isinstance(chosen, ChatOpenAI)
+    assert chosen._get_request_payload([("human", "hi")])["extra_body"] == steer
+    bound = llm.bind(extra_body=steer)
+    assert bound.kwargs["extra_body"] == steer
+    assert llm._get_request_payload([("human", "hi")], **bound.kwargs)["extra_body"] == steer
