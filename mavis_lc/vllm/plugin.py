@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.config import VllmConfig
 
-_LOG = logging.getLogger("mavis_lc.vllm")
+_LOG = logging.getLogger("vllm.mavis_lc")  # under vLLM's logger, so its handlers print it
 
 _CAPTURED: dict[int, torch.Tensor] = {}
 """id(VllmConfig) -> the hidden states (N, d) of the last ``compute_logits`` call in this process."""
