@@ -8,7 +8,9 @@ in a bounded queue and are merged into the next batch: one batch holds requests 
 ``beta``, ``top_k``, ``temperature`` and ``do_sample`` (the parameters of the step itself),
 up to ``max_batch_size`` rows, in arrival order; everything else stays per row (weights, seed,
 stop strings, max/min new tokens, grammar), so with a fixed seed a request's output is the
-same whether it ran alone or merged (the decoder's per-row guarantee).
+same whether it ran alone or merged (the decoder's per-row guarantee). One request of more
+rows than ``max_batch_size`` (a ``batch`` call of many inputs) decodes in consecutive batches
+of at most that many rows, streamed to its caller as one.
 
 Each request gets its own stream of `StreamStep`s holding only its rows. A consumer that stops
 reading (a closed stream, a cancelled task) cancels its request: it no longer receives steps
@@ -317,6 +319,9 @@ class BatchScheduler:
         return sum(len(r.prompts) for r in self._queue if r.key == key)
 
     def _decode(self, batch: list[_Request]) -> None:
+        if len(batch) == 1 and len(batch[0].prompts) > self.max_batch_size:
+            self._decode_in_chunks(batch[0])
+            return
         spans: list[tuple[int, int]] = []
         start = 0
         for request in batch:
@@ -365,6 +370,55 @@ class BatchScheduler:
         finally:
             for i in open_requests:  # never leave a caller waiting
                 batch[i].sink.put(_END)
+
+    def _decode_in_chunks(self, request: _Request) -> None:
+        """A request of more rows than ``max_batch_size`` (one ``batch`` call of many inputs):
+        its rows decode in consecutive batches of at most that many, so memory stays bounded as
+        for merged requests; the caller sees one stream of all its rows (each row's output is
+        the same in any batch)."""
+        width, size = len(request.prompts), self.max_batch_size
+        stats = self.stats
+        try:
+            for lo in range(0, width, size):
+                hi = min(width, lo + size)
+                if request.cancelled.is_set():
+                    break
+                stats.batches += 1
+                stats.rows += hi - lo
+                stats.largest_batch = max(stats.largest_batch, hi - lo)
+                steps = self.decoder.stream(
+                    request.prompts[lo:hi],
+                    request.weights[lo:hi],
+                    request.config,
+                    seeds=request.seeds[lo:hi],
+                    grammars=request.constraints[lo:hi],
+                    row_options=request.options[lo:hi],
+                )
+                try:
+                    for step in steps:
+                        if request.cancelled.is_set():
+                            break
+                        news = any(step.deltas) or any(f is not None for f in step.finished)
+                        if news and not request.sink.put(_widen(step, lo, width)):
+                            request.cancelled.set()
+                            break
+                        request.remaining -= sum(f is not None for f in step.finished)
+                finally:
+                    steps.close()  # type: ignore[attr-defined]
+        except Exception as exc:  # delivered to the caller; the thread goes on
+            request.sink.put(exc)
+            return
+        request.sink.put(_END)
+
+
+def _widen(step: StreamStep, lo: int, width: int) -> StreamStep:
+    """``step`` of rows [lo, lo + len(step.deltas)) as a step of all ``width`` rows of its request."""
+    hi = lo + len(step.deltas)
+    deltas: list[str] = [""] * width
+    finished: list[Generation | None] = [None] * width
+    deltas[lo:hi] = step.deltas
+    finished[lo:hi] = step.finished
+    return StreamStep(deltas=deltas, finished=finished)
 
 
 def _collect(steps: Iterator[StreamStep]) -> list[Generation]:

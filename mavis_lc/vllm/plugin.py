@@ -19,6 +19,7 @@ Imported only inside vLLM's processes (it imports vLLM). See `mavis_lc.vllm` for
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -127,6 +128,8 @@ class MavisLogitsProcessor(LogitsProcessor):
             raise MavisArgumentError(f"no MAVIS heads configured: set {HEADS_ENV} to comma-separated head specs")
         tokenizer = getattr(model_config, "tokenizer", None)
         base = checkpoint_base(model_config.model, tokenizer if tokenizer != model_config.model else None)
+        # the heads score through the embeddings they are given: on the worker's device
+        base = dataclasses.replace(base, token_embeddings=base.token_embeddings.to(device), device=device)
         self.heads = [h.to(device) for h in load_heads(specs, base)]
         self.objectives = [h.objective for h in self.heads]
         _LOG.info("MAVIS heads loaded on %s: %s", device, describe(self.heads))

@@ -388,3 +388,24 @@ def test_randomised_mixes_of_requests_each_equal_their_solo_decode(decoder: Mavi
 def _resolved(r: _Mixed) -> list[DecodeConfig]:
     options = r.row_options or [RowOptions()] * len(r.prompts)
     return [o.resolve(r.config) for o in options]
+
+
+def test_a_request_larger_than_the_batch_bound_decodes_in_bounded_chunks(decoder: MavisDecoder) -> None:
+    """One call of 11 rows under a bound of 4: three batches of at most 4 rows, the same outputs
+    as one decode of all 11, and one stream of all rows to the caller."""
+    prompts = [PROMPTS[i % 5] for i in range(11)]
+    weights = [WEIGHTS[i % 5] for i in range(11)]
+    seeds = [300 + i for i in range(11)]
+    options = [RowOptions(max_new_tokens=3 + i % 4) for i in range(11)]
+    scheduler = BatchScheduler(decoder, max_batch_size=4, batch_wait_s=0.0)
+    chunked = scheduler.generate(prompts, weights, CFG, seeds=seeds, row_options=options)
+    whole = decoder.generate(prompts, weights, CFG, seeds=seeds, row_options=options)
+    assert [g.token_ids for g in chunked] == [g.token_ids for g in whole]
+    assert [g.text for g in chunked] == [g.text for g in whole]
+    assert scheduler.stats.batches == 3 and scheduler.stats.largest_batch == 4 and scheduler.stats.rows == 11
+    streamed: dict[int, str] = {}
+    for step in scheduler.stream(prompts, weights, CFG, seeds=seeds, row_options=options):
+        assert len(step.deltas) == len(step.finished) == 11
+        for row, delta in enumerate(step.deltas):
+            streamed[row] = streamed.get(row, "") + delta
+    assert [streamed.get(row, "") for row in range(11)] == [g.text for g in whole]
