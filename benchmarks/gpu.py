@@ -9,6 +9,12 @@ exits 2: nothing here falls back to the CPU.
 
     python benchmarks/gpu.py
     python benchmarks/gpu.py --quick          # fewer repeats
+    python benchmarks/gpu.py --vllm-python /path/to/vllm-venv/bin/python   # also the vLLM plugin
+
+With ``--vllm-python`` (a Python whose environment has the vLLM GPU build and mavis-lc), it also
+runs `benchmarks/vllm_plugin.py` in bfloat16 on the packaged SmolLM2 with two seeded
+random-weight shared heads (throughput does not depend on what the heads learned): plugin
+against plain vLLM at batch 1, 8 and 32.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=None, help="where to write the combined output")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--vllm-python", default=None, help="also run the vLLM plugin benchmark with this Python")
     args = parser.parse_args()
     import torch
 
@@ -43,6 +50,12 @@ def main() -> int:
         ("train", [HERE / "train.py", *repeats]),
     ]
     env = {**os.environ, "MAVIS_DEVICE": "cuda", "MAVIS_DTYPE": "bfloat16"}
+    vllm_runs: list[tuple[str, list[object]]] = []
+    if args.vllm_python:
+        model, heads = _random_heads(HERE / "results" / "gpu-heads")
+        env["MAVIS_VLLM_HEADS"] = heads
+        plugin = [HERE / "vllm_plugin.py", "--model", model, "--dtype", "bfloat16", *repeats]
+        vllm_runs.append(("vllm-plugin", plugin))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     output = args.output or HERE / "results" / f"gpu-{stamp}.txt"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -52,9 +65,11 @@ def main() -> int:
     )
     sections = [header]
     failed = []
-    for name, command in runs:
+    plans = [(name, sys.executable, command) for name, command in runs]
+    plans += [(name, str(args.vllm_python), command) for name, command in vllm_runs]
+    for name, python, command in plans:
         print(f"== {name}: {' '.join(str(c) for c in command)}", flush=True)
-        done = subprocess.run([sys.executable, *map(str, command)], env=env, capture_output=True, text=True)
+        done = subprocess.run([python, *map(str, command)], env=env, capture_output=True, text=True)
         print(done.stdout, end="", flush=True)
         if done.returncode != 0:
             failed.append(name)
@@ -63,6 +78,27 @@ def main() -> int:
     output.write_text("\n".join(sections))
     print(f"written to {output}")
     return 1 if failed else 0
+
+
+def _random_heads(folder: Path) -> tuple[str, str]:
+    """The packaged SmolLM2's checkpoint directory and two seeded random shared heads for it
+    (comma-separated files, as MAVIS_VLLM_HEADS takes them)."""
+    import torch
+
+    from mavis_lc.base_model import load_base_model, packaged_smollm2_dir
+    from mavis_lc.value_models import new_shared_head
+
+    base = load_base_model(device="cpu", dtype="float32")
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    files = []
+    for name in ("positivity", "relevance"):
+        head = new_shared_head(base, name)
+        with torch.no_grad():
+            head.proj.weight.copy_(torch.randn(head.proj.weight.shape, generator=generator) * 0.02)
+            head.token_bias.copy_(torch.randn(head.token_bias.shape, generator=generator) * 0.5)
+        files.append(str(head.save(folder / f"{name}.safetensors")))
+    return str(packaged_smollm2_dir()), ",".join(files)
 
 
 if __name__ == "__main__":
