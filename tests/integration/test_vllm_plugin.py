@@ -203,10 +203,14 @@ def test_requests_in_one_batch_each_get_their_own_tilt(runs: dict[str, Any]) -> 
         assert max(abs(first[t] - steered[t]) for t in first.keys() & steered.keys()) > 0.1
 
 
-def test_the_heads_are_refused_on_another_tokenizer_and_shapes_are_checked(
+def test_the_checkpoint_side_checks_equal_the_loaded_bases_and_refuse_what_vllm_cannot_run(
     base: BaseModel, heads: tuple[list[SharedBackboneQHead], str], tmp_path: Path
 ) -> None:
-    """The server-side loading (no vLLM needed): the checkpoint's fingerprints equal the loaded base's."""
+    """Server-side loading (no vLLM needed): fingerprints read from the checkpoint files equal the
+    loaded base's; a prompt-query head and a head of another base are refused by name."""
+    import dataclasses
+
+    from mavis_lc.errors import ConfigurationError, IncompatibleHeadError
     from mavis_lc.vllm.heads import checkpoint_base, load_heads
 
     checkpoint = checkpoint_base(packaged_smollm2_dir())
@@ -215,6 +219,12 @@ def test_the_heads_are_refused_on_another_tokenizer_and_shapes_are_checked(
     torch.testing.assert_close(checkpoint.token_embeddings, base.token_embeddings.float())
     loaded = load_heads(heads[1].split(","), checkpoint)
     assert [h.objective for h in loaded] == ["positivity", "relevance"]
+    query = new_shared_head(base, "relevance", options={"prompt_query": True}).save(tmp_path / "query.safetensors")
+    with pytest.raises(ConfigurationError, match="reads a prompt-pooled query"):
+        load_heads([str(query)], checkpoint)
+    other = dataclasses.replace(checkpoint, weights_fingerprint="0" * 64)
+    with pytest.raises(IncompatibleHeadError, match="other weights"):
+        load_heads(heads[1].split(",")[:1], other)
 
 
 if __name__ == "__main__":
