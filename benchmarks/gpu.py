@@ -12,8 +12,8 @@ exits 2: nothing here falls back to the CPU.
     python benchmarks/gpu.py --vllm-python /path/to/vllm-venv/bin/python   # also the vLLM plugin
 
 With ``--vllm-python`` (a Python whose environment has the vLLM GPU build and mavis-lc), it also
-runs `benchmarks/vllm_plugin.py` in bfloat16 on the packaged SmolLM2 with two seeded
-random-weight shared heads (throughput does not depend on what the heads learned): plugin
+runs `benchmarks/vllm_plugin.py` in bfloat16 on the packaged SmolLM2 with decode.py's two
+seeded random-weight shared heads (throughput does not depend on what the heads learned): plugin
 against plain vLLM at batch 1, 8 and 32.
 """
 
@@ -81,24 +81,15 @@ def main() -> int:
 
 
 def _random_heads(folder: Path) -> tuple[str, str]:
-    """The packaged SmolLM2's checkpoint directory and two seeded random shared heads for it
-    (comma-separated files, as MAVIS_VLLM_HEADS takes them)."""
-    import torch
+    """The packaged SmolLM2's checkpoint directory and decode.py's two seeded random shared heads
+    for it, saved (comma-separated files, as MAVIS_VLLM_HEADS takes them)."""
+    from decode import heads_for  # benchmarks/decode.py, beside this script
 
     from mavis_lc.base_model import load_base_model, packaged_smollm2_dir
-    from mavis_lc.value_models import new_shared_head
 
-    base = load_base_model(device="cpu", dtype="float32")
     folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    files = []
-    for name in ("positivity", "relevance"):
-        head = new_shared_head(base, name)
-        with torch.no_grad():
-            head.proj.weight.copy_(torch.randn(head.proj.weight.shape, generator=generator) * 0.02)
-            head.token_bias.copy_(torch.randn(head.token_bias.shape, generator=generator) * 0.5)
-        files.append(str(head.save(folder / f"{name}.safetensors")))
-    return str(packaged_smollm2_dir()), ",".join(files)
+    heads = heads_for(load_base_model(device="cpu", dtype="float32"), 2)
+    return str(packaged_smollm2_dir()), ",".join(str(h.save(folder / f"{h.objective}.safetensors")) for h in heads)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,13 @@ class SchedulerStats:
     submitted_at: list[float] = field(default_factory=list)
     """`time.monotonic` of the latest submissions (at most 64), to see how requests arrive."""
 
+    def count_batch(self, rows: int, requests: int) -> None:
+        """One batch of ``rows`` rows from ``requests`` requests starts decoding."""
+        self.batches += 1
+        self.rows += rows
+        self.largest_batch = max(self.largest_batch, rows)
+        self.merged_batches += requests > 1
+
 
 _SCHEDULERS: weakref.WeakSet[BatchScheduler] = weakref.WeakSet()
 
@@ -327,11 +334,7 @@ class BatchScheduler:
         for request in batch:
             spans.append((start, start + len(request.prompts)))
             start += len(request.prompts)
-        stats = self.stats
-        stats.batches += 1
-        stats.rows += start
-        stats.largest_batch = max(stats.largest_batch, start)
-        stats.merged_batches += len(batch) > 1
+        self.stats.count_batch(start, len(batch))
         open_requests = set(range(len(batch)))
         try:
             steps = self.decoder.stream(
@@ -377,15 +380,12 @@ class BatchScheduler:
         for merged requests; the caller sees one stream of all its rows (each row's output is
         the same in any batch)."""
         width, size = len(request.prompts), self.max_batch_size
-        stats = self.stats
         try:
             for lo in range(0, width, size):
                 hi = min(width, lo + size)
                 if request.cancelled.is_set():
                     break
-                stats.batches += 1
-                stats.rows += hi - lo
-                stats.largest_batch = max(stats.largest_batch, hi - lo)
+                self.stats.count_batch(hi - lo, 1)
                 steps = self.decoder.stream(
                     request.prompts[lo:hi],
                     request.weights[lo:hi],

@@ -32,13 +32,6 @@ PROCESSOR = "mavis_lc.vllm.plugin:MavisLogitsProcessor"
 """What ``--logits-processors`` (or ``LLM(logits_processors=[...])``) names."""
 MODEL_CLASSES = ("MavisLlamaForCausalLM", "MavisMistralForCausalLM", "MavisQwen2ForCausalLM", "MavisQwen3ForCausalLM")
 """The architectures ``--hf-overrides '{"architectures": [...]}'`` may name."""
-ARCHITECTURE_OF = {
-    "LlamaForCausalLM": "MavisLlamaForCausalLM",
-    "MistralForCausalLM": "MavisMistralForCausalLM",
-    "Qwen2ForCausalLM": "MavisQwen2ForCausalLM",
-    "Qwen3ForCausalLM": "MavisQwen3ForCausalLM",
-}
-"""The Mavis class for a checkpoint's own architecture."""
 
 
 def register() -> None:
@@ -52,7 +45,6 @@ def register() -> None:
 
 
 __all__ = [
-    "ARCHITECTURE_OF",
     "BETA",
     "MODEL_CLASSES",
     "PROCESSOR",

@@ -22,8 +22,14 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mavis_lc.base_model import tokenizer_fingerprint, weights_digest
-from mavis_lc.errors import ConfigurationError, IncompatibleHeadError, ModelLoadError
-from mavis_lc.value_models import SHARED_Q_HEAD, SharedBackboneQHead, check_compatible, read_head_config
+from mavis_lc.errors import ConfigurationError, ModelLoadError
+from mavis_lc.value_models import (
+    SHARED_Q_HEAD,
+    SharedBackboneQHead,
+    check_compatible,
+    load_shared_head,
+    read_head_config,
+)
 
 HEADS_ENV = "MAVIS_VLLM_HEADS"
 """The environment variable that names the server's heads: comma-separated head specs (files or
@@ -154,12 +160,7 @@ def load_heads(specs: Sequence[str], base: CheckpointBase) -> list[SharedBackbon
                 f"head {source.spec!r} reads a prompt-pooled query, which the vLLM plugin cannot compute "
                 "(prefix caching skips prompt states); train it without --prompt-query"
             )
-        head = SharedBackboneQHead(config, base.token_embeddings)
-        try:
-            head.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise ModelLoadError(f"head {source.spec!r} has unexpected tensors: {exc}") from exc
-        heads.append(head.requires_grad_(False).eval())
+        heads.append(load_shared_head(config, tensors, base))  # type: ignore[arg-type]
     objectives = [h.objective for h in heads]
     if len(set(objectives)) != len(objectives):
         raise ConfigurationError(f"two heads for one objective in {list(specs)}: objectives {objectives}")
@@ -174,7 +175,6 @@ def describe(heads: Sequence[SharedBackboneQHead]) -> str:
 __all__ = [
     "HEADS_ENV",
     "CheckpointBase",
-    "IncompatibleHeadError",
     "checkpoint_base",
     "describe",
     "head_specs",

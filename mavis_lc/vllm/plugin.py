@@ -32,6 +32,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from mavis_lc.vllm import MODEL_CLASSES
 from mavis_lc.vllm.args import MavisArgumentError, Steering, parse_steering
 from mavis_lc.vllm.heads import HEADS_ENV, checkpoint_base, describe, head_specs, load_heads, spec_objective
 
@@ -75,13 +76,6 @@ class MavisQwen2ForCausalLM(_KeepsHiddenStates, Qwen2ForCausalLM):  # type: igno
 class MavisQwen3ForCausalLM(_KeepsHiddenStates, Qwen3ForCausalLM):  # type: ignore[misc]
     """vLLM's Qwen3 keeping its final hidden states for MAVIS."""
 
-
-MODEL_CLASSES = {
-    "MavisLlamaForCausalLM": MavisLlamaForCausalLM,
-    "MavisMistralForCausalLM": MavisMistralForCausalLM,
-    "MavisQwen2ForCausalLM": MavisQwen2ForCausalLM,
-    "MavisQwen3ForCausalLM": MavisQwen3ForCausalLM,
-}
 
 _objectives_lock = threading.Lock()
 _objectives: dict[tuple[str, ...], list[str]] = {}
@@ -130,7 +124,7 @@ class MavisLogitsProcessor(LogitsProcessor):
         base = checkpoint_base(model_config.model, tokenizer if tokenizer != model_config.model else None)
         # the heads score through the embeddings they are given: on the worker's device
         base = dataclasses.replace(base, token_embeddings=base.token_embeddings.to(device), device=device)
-        self.heads = [h.to(device) for h in load_heads(specs, base)]
+        self.heads = load_heads(specs, base)  # on base.device: the worker's
         self.objectives = [h.objective for h in self.heads]
         _LOG.info("MAVIS heads loaded on %s: %s", device, describe(self.heads))
         self._rows: dict[int, tuple[Steering, float, torch.Tensor]] = {}
@@ -166,13 +160,12 @@ class MavisLogitsProcessor(LogitsProcessor):
         for row, (steering, _, _) in self._rows.items():
             by_k.setdefault(steering.top_k, []).append(row)
         for k, rows in by_k.items():
-            index = torch.tensor(rows, device=logits.device)
-            self._tilt(logits, hidden, index, k)
+            self._tilt(logits, hidden, rows, k)
         return logits
 
-    def _tilt(self, logits: torch.Tensor, hidden: torch.Tensor, index: torch.Tensor, k: int) -> None:
-        """Tilt rows ``index`` (R,) of ``logits`` (N, V) in place over their top-``k``."""
-        rows = index.tolist()
+    def _tilt(self, logits: torch.Tensor, hidden: torch.Tensor, rows: list[int], k: int) -> None:
+        """Tilt ``rows`` of ``logits`` (N, V) in place over their top-``k``."""
+        index = torch.tensor(rows, device=logits.device)  # (R,)
         states = [self._rows[r] for r in rows]
         temperature = torch.tensor([s[1] for s in states], device=logits.device)  # (R,)
         beta = torch.tensor([s[0].beta for s in states], device=logits.device)  # (R,)
